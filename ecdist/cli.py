@@ -1,0 +1,234 @@
+"""The ``ecdist`` command: demo, recover, compare.
+
+Options for the recovery settings are generated from ``Config``'s fields and their help
+texts, so the CLI and the Python API cannot drift apart. Errors a user can cause print one
+line (no traceback) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+
+from .config import Config
+from .errors import ConfigError, EcdistError, TeacherError
+
+DEMO_ARCH = [20, 8, 1]
+_NOT_FLAGS = {"activation", "student_widths"}  # given explicitly, with their own help
+
+
+def angle(text: str) -> float:
+    """Radians, written as a number or as ``pi/3``, ``pi``, ``0.25*pi``."""
+    t = text.strip().lower().replace("π", "pi").replace(" ", "")
+    m = re.fullmatch(r"(?:(\d*\.?\d+)\*?)?pi(?:/(\d*\.?\d+))?", t)
+    try:
+        if m:
+            return float(m.group(1) or 1) * math.pi / float(m.group(2) or 1)
+        return float(t)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not an angle (try 1.047 or pi/3)")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recovery settings (ecdist.Config)")
+    g.add_argument("--student-widths", type=int, nargs="+", metavar="W", help="hidden widths of the students (ρ × the guess)")
+    hints = get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        helptext = f"{f.metadata['help']} (default: {f.default:.4g})" if isinstance(f.default, float) else f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif f.name == "beta":
+            g.add_argument(flag, type=angle, default=None, metavar="RAD", help=helptext + "; 'pi/3' is accepted")
+        else:
+            g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=helptext)
+
+
+def _config(args: argparse.Namespace, **fixed: Any) -> Config:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name not in _NOT_FLAGS}
+    values = {k: v for k, v in values.items() if v is not None}
+    if getattr(args, "student_widths", None):
+        values["student_widths"] = args.student_widths
+    return Config(**(values | fixed))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ecdist",
+        description="Recover the weights and layer sizes of a neural network from its input-output "
+        "behaviour (Expand-and-Cluster). Start with `ecdist demo`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="recover a synthetic tanh teacher 20-8-1 end to end (about 2 minutes on 2 cores)",
+        description="Recover a random tanh teacher 20-8-1 from 4,000 Gaussian queries with 20 students "
+        "of width 32; print a table against the teacher and write results and a plot to --out.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("ecdist-demo"), help="result folder (replaced if it holds a previous run)")
+    demo.add_argument("--teacher-seed", type=int, default=0, help="seed of the synthetic teacher")
+    demo.add_argument("--queries", type=int, default=4000, help="number of Gaussian queries")
+    _add_config_flags(demo)
+
+    rec = sub.add_parser(
+        "recover",
+        help="recover a teacher given as a saved state dict or a module:function black box",
+        description="Query a teacher, train students, cluster their neurons and write the recovered "
+        "network to --out. Example: ecdist recover --teacher teacher.pt --arch 20-8-1 --activation tanh "
+        "--student-widths 32 --gaussian 4000 --out run1",
+    )
+    rec.add_argument("--teacher", required=True, help="a .pt/.pth/.safetensors state dict (with --arch) or 'module:function'")
+    rec.add_argument("--arch", help="architecture of a state-dict teacher, e.g. 20-8-1")
+    rec.add_argument("--activation", required=True, help="hidden activation: g, tanh, identity, sigmoid, softplus, gelu, silu, relu, leaky_relu")
+    q = rec.add_mutually_exclusive_group(required=True)
+    q.add_argument("--queries", type=Path, help="queries as .npy or .parquet (n rows, d_in columns)")
+    q.add_argument("--gaussian", type=int, metavar="N", help="draw N standard Gaussian queries")
+    q.add_argument("--uniform", type=int, metavar="N", help="draw N queries uniform in [-1, 1]^d_in")
+    rec.add_argument("--d-in", type=int, help="input dimension for generated queries (default: from --arch)")
+    rec.add_argument("--query-seed", type=int, default=1, help="seed of generated queries")
+    rec.add_argument("--out", type=Path, required=True, help="run folder: checkpoints and results")
+    rec.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    _add_config_flags(rec)
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="compare a recovered network (a result folder) with its teacher",
+        description="Print per-layer sizes, the worst and median 1-|cos| per layer and the functional error.",
+    )
+    cmp_.add_argument("result", type=Path, help="a result folder written by `ecdist recover` or `ecdist demo`")
+    cmp_.add_argument("--teacher", required=True, help="a state dict (with --arch) or 'module:function'")
+    cmp_.add_argument("--arch", help="architecture of a state-dict teacher, e.g. 20-8-1")
+    cmp_.add_argument("--queries", type=Path, help="test inputs (.npy/.parquet); default 2,000 fresh Gaussian inputs")
+    cmp_.add_argument("--seed", type=int, default=12345, help="seed of the default test inputs")
+    return parser
+
+
+def _teacher(spec: str, arch: str | None, activation: str):
+    from . import teachers
+
+    if ":" in spec and not Path(spec).exists():
+        return teachers.from_spec(spec)
+    if not arch:
+        raise TeacherError(f"--arch is needed to read the state dict {spec} (e.g. --arch 20-8-1)")
+    return teachers.load(spec, arch, activation)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import ecdist
+    from .plots import plot_recovery
+
+    config = _config(args, activation="tanh", student_widths=args.student_widths or [32])
+    if (args.out / "run.json").exists():
+        shutil.rmtree(args.out)  # the demo always starts fresh in its own folder
+    teacher = ecdist.teachers.random_mlp(DEMO_ARCH, "tanh", seed=args.teacher_seed)
+    X = ecdist.queries.gaussian(args.queries, DEMO_ARCH[0], seed=args.teacher_seed + 1)
+    print(f"teacher: tanh {'-'.join(map(str, DEMO_ARCH))}; {len(X)} Gaussian queries; "
+          f"{config.n_students} students of width {config.student_widths}")
+    result = ecdist.recover(teacher, X, config, out=args.out, progress=True)
+    X_test = ecdist.queries.gaussian(2000, DEMO_ARCH[0], seed=args.teacher_seed + 2)
+    result.comparison = ecdist.compare(result.network, teacher, "tanh", X=X_test)
+    result.save(args.out)
+    plot = plot_recovery(result, args.out / "recovery.png")
+    _print_result(result)
+    verdict = "EXACT" if result.comparison.exact else "NOT exact"
+    print(f"\n{verdict}: width {result.layer_sizes} vs teacher {result.comparison.teacher_sizes}, "
+          f"worst 1-|cos| {max(result.comparison.max_weight_distance):.1e}, in {result.timings['total']:.0f} s")
+    print(f"results: {args.out}/  plot: {plot}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    import ecdist
+    from .plots import plot_recovery
+    from .teachers import parse_arch
+
+    if not args.student_widths:
+        raise ConfigError("student_widths: give --student-widths (about 4 × the width you expect)")
+    teacher = _teacher(args.teacher, args.arch, args.activation)
+    if args.queries:
+        X = ecdist.queries.load(args.queries)
+    else:
+        d_in = args.d_in or (parse_arch(args.arch)[0] if args.arch else None)
+        if d_in is None:
+            raise ConfigError("d_in: give --d-in (or --arch) so that queries can be generated")
+        gen = ecdist.queries.gaussian if args.gaussian else ecdist.queries.uniform
+        X = gen(args.gaussian or args.uniform, d_in, seed=args.query_seed)
+    config = _config(args, activation=args.activation)
+    result = ecdist.recover(teacher, X, config, out=args.out, resume=args.resume, progress=True)
+    if isinstance(teacher, ecdist.teachers.MLP):
+        result.comparison = ecdist.compare(result.network, teacher, args.activation)
+        result.save(args.out)
+    plot_recovery(result, args.out / "recovery.png")
+    _print_result(result)
+    print(f"results: {args.out}/")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import ecdist
+
+    result = ecdist.load(args.result)
+    teacher = _teacher(args.teacher, args.arch, result.config.activation)
+    X = ecdist.queries.load(args.queries) if args.queries else None
+    rep = ecdist.compare(result.network, teacher, result.config.activation, X=X, seed=args.seed)
+    print(rep.summary())
+    return 0
+
+
+def _print_result(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(result.summary())
+    rep = result.comparison
+    table = Table(title="recovered vs teacher" if rep is not None else "recovered layers")
+    for col in ("layer", "recovered", "teacher", "overhead", "worst 1-|cos|", "median 1-|cos|", "clusters' students"):
+        table.add_column(col, justify="right")
+    for i, layer in enumerate(result.layers):
+        ns = np.asarray(layer.clusters.column("n_students"))
+        spread = f"{ns.min()}–{ns.max()}" if ns.size else "-"
+        if rep is not None and rep.teacher_sizes is not None and i < len(rep.teacher_sizes):
+            dw = np.asarray(rep.weight_distance[i])
+            table.add_row(str(i + 1), str(layer.width), str(rep.teacher_sizes[i]), f"{rep.overhead[i]:+.0%}",
+                          f"{dw.max():.1e}", f"{np.median(dw):.1e}", spread)
+        else:
+            table.add_row(str(i + 1), str(layer.width), "?", "", "", "", spread)
+    console.print(table)
+    if rep is not None:
+        console.print(f"functional relative MSE on {rep.n_test} fresh inputs: {rep.functional_mse:.2e}")
+
+
+COMMANDS = {"demo": cmd_demo, "recover": cmd_recover, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except EcdistError as exc:
+        print(f"ecdist: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ecdist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Clustering the students' neurons: the neurons that recur across students are the teacher's.
+
+``cluster_neurons`` is the one entry point; the backend only decides how the dendrogram is
+built, and the rules in ``rules`` decide which of its nodes are kept.
+
+Example:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> teacher = rng.standard_normal((3, 6))                  # 3 neurons, d_in = 5 (+ bias)
+    >>> vecs = np.vstack([teacher[rng.permutation(3)] for _ in range(10)])
+    >>> sids = np.repeat(np.arange(10), 3)
+    >>> labels = cluster_neurons(vecs, sids, gamma=0.5, beta=np.pi / 6, backend="scipy")
+    >>> len(set(labels) - {-1})
+    3
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from . import rules, scipy_backend
+
+RULES = ("stable", "reference")
+BACKENDS = ("auto", "scipy")
+SCIPY_MAX_ROWS = 40_000  # pdist of 4·10⁴ rows is already 6.4 GB (calibration.md)
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Result of clustering one layer.
+
+    labels: (M,) cluster of each row, −1 for none; dropped: (M,) rows removed as negligible
+    before linkage; per kept cluster (K,): size (rows), n_students (distinct), height (of its
+    dendrogram node), separation (parent height / height; nan for the reference rule),
+    median_cos_dist; cut_height: the reference rule's cut (nan for stable).
+    """
+
+    labels: np.ndarray
+    dropped: np.ndarray
+    size: np.ndarray
+    n_students: np.ndarray
+    height: np.ndarray
+    separation: np.ndarray
+    median_cos_dist: np.ndarray
+    cut_height: float
+    min_students: int
+    rule: str
+    backend: str
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.size.size)
+
+
+def min_students(gamma: float, n_students: int) -> int:
+    """⌊γN⌋, the number of students a cluster must span; at least 2 or clustering is meaningless."""
+    m = math.floor(gamma * n_students + 1e-9)
+    if m < 2:
+        raise ConfigError(
+            f"gamma: gamma·n_students = {gamma}·{n_students} gives a threshold of {m} < 2 students; "
+            "raise gamma or n_students so that ⌊gamma·n_students⌋ >= 2"
+        )
+    return m
+
+
+def cluster_layer(
+    vectors: np.ndarray,
+    student_ids: np.ndarray,
+    gamma: float = 0.5,
+    beta: float = math.pi / 3,
+    *,
+    backend: str = "auto",
+    rule: str = "stable",
+    weights: np.ndarray | None = None,
+    drop: float = 1e-3,
+    n_students: int | None = None,
+    min_separation: float = 3.0,
+) -> Clusters:
+    """Cluster canonicalised neuron vectors of one layer and keep the teacher's neurons.
+
+    vectors: (M, D) canonical [w; b] rows (see ``ecdist.symmetry``); student_ids: (M,) which
+    student each row comes from; gamma: a kept cluster spans ≥ ⌊γN⌋ students; beta (radians):
+    its members' median pairwise angle stays below β; weights: (M,) output contribution of
+    each neuron — rows below ``drop`` × the largest are ignored (they are debris whose
+    incoming vector is arbitrary); n_students: N (default: distinct ``student_ids``).
+    """
+    vectors = np.asarray(vectors)
+    student_ids = np.asarray(student_ids)
+    _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop)
+    n = int(n_students) if n_students is not None else int(np.unique(student_ids).size)
+    m_req = min_students(gamma, n)
+    dropped = np.zeros(len(vectors), dtype=bool)
+    if weights is not None and len(vectors):
+        w = np.asarray(weights, dtype=np.float64)
+        dropped = w < drop * w.max()
+    rows = np.flatnonzero(~dropped)
+    used = "scipy"
+    if backend == "auto" and rows.size > SCIPY_MAX_ROWS:
+        raise ConfigError(
+            f"cluster_backend: {rows.size} neuron vectors are too many for the exact scipy backend "
+            f"(O(M²) memory, limit {SCIPY_MAX_ROWS}); use fewer students or narrower students"
+        )
+    v = vectors[rows].astype(np.float64)
+    max_cd = 1 - math.cos(beta)
+    if rows.size >= 2:
+        Z = scipy_backend.average_linkage(v)
+        if rule == "reference":
+            res = rules.reference_rule(Z, v, m_req, max_cd)
+        else:
+            res = rules.stable_rule(Z, v, student_ids[rows], m_req, max_cd, min_separation)
+    else:
+        res = rules._empty(rows.size)
+    labels = np.full(len(vectors), -1, dtype=np.int64)
+    labels[rows] = res.labels
+    k = res.heights.size
+    size = np.bincount(labels[labels >= 0], minlength=k)[:k]
+    n_st = np.array([np.unique(student_ids[labels == c]).size for c in range(k)], dtype=np.int64)
+    return Clusters(
+        labels, dropped, size, n_st, res.heights, res.separation, res.median_cos_dist,
+        res.cut_height, m_req, rule, used,
+    )
+
+
+def cluster_neurons(
+    vectors: np.ndarray,
+    student_ids: np.ndarray,
+    gamma: float = 0.5,
+    beta: float = math.pi / 3,
+    backend: str = "auto",
+    **kwargs,
+) -> np.ndarray:
+    """One label per row of ``vectors``, −1 for rows in no kept cluster (see ``cluster_layer``)."""
+    return cluster_layer(vectors, student_ids, gamma, beta, backend=backend, **kwargs).labels
+
+
+def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -> None:
+    if vectors.ndim != 2:
+        raise ConfigError(f"vectors: expected a 2-D array (M, D), got shape {vectors.shape}")
+    if student_ids.shape != (vectors.shape[0],):
+        raise ConfigError(
+            f"student_ids: expected shape ({vectors.shape[0]},) to match vectors, got {student_ids.shape}"
+        )
+    if not np.isfinite(vectors).all():
+        raise ConfigError("vectors: contain NaN or infinite values; the students diverged or the input is corrupt")
+    if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+        raise ConfigError(f"gamma: must be in (0, 1], got {gamma!r}")
+    if not (isinstance(beta, (int, float)) and 0 < beta <= math.pi / 2):
+        raise ConfigError(f"beta: must be an angle in radians in (0, π/2], got {beta!r}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: unknown clustering backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if rule not in RULES:
+        raise ConfigError(f"rule: unknown clustering rule {rule!r}; choose one of {', '.join(RULES)}")
+    if weights is not None:
+        w = np.asarray(weights)
+        if w.shape != (vectors.shape[0],) or not np.isfinite(w).all() or (w < 0).any():
+            raise ConfigError("weights: expected one finite, non-negative output contribution per row")
+    if not 0 <= drop < 1:
+        raise ConfigError(f"drop: must be in [0, 1), got {drop!r}")

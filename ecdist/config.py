@@ -1,0 +1,197 @@
+"""``Config``: every setting of a recovery, validated once when it is built.
+
+One constraint table (as scikit-learn's ``_parameter_constraints``) names what each field may
+be; a bad value raises ``ConfigError`` naming the field, the value and what is allowed. The
+config is frozen, round-trips through JSON, and hashes canonical JSON with a schema version
+(run folders are matched by that hash). Choices left to ``"auto"`` are resolved by ``recover``
+into its ``plan``, never written back here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import activations
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one Expand-and-Cluster recovery.
+
+    Example:
+        >>> cfg = Config(activation="tanh", student_widths=[32], n_students=20, seed=0)
+        >>> cfg.gamma, round(cfg.beta, 4)
+        (0.5, 1.0472)
+    """
+
+    activation: str = _doc("hidden activation of the teacher (and the students)")
+    student_widths: list[int] = _doc("hidden widths of the students, one per hidden layer (ρ × the guess)")
+    n_students: int = _doc("number of students N", default=20)
+    gamma: float = _doc("a kept cluster spans at least ⌊γN⌋ students", default=0.5)
+    beta: float = _doc(
+        "a kept cluster's median pairwise angle is below β (radians; the authors' MNIST runs: π/3)",
+        default=math.pi / 3,
+    )
+    seed: int = _doc("seed of every random choice (students' initialisation, minibatch order)", default=0)
+    dtype: str = _doc("float64 (precision decides recovery) or float32", default="float64")
+    backend: str = _doc("where students train: auto, local (in-process)", default="auto")
+    device: str = _doc("auto (CUDA when available), cpu or cuda", default="auto")
+    cluster_backend: str = _doc("auto or scipy (exact average linkage)", default="auto")
+    cluster_rule: str = _doc(
+        "stable (ours: long-lived clusters of distinct students) or reference (the authors' cut)",
+        default="stable",
+    )
+    min_separation: float = _doc(
+        "stable rule: a kept cluster lives over at least this ratio of dendrogram heights (generous: the "
+        "exact fine-tune prunes what the fit does not need)",
+        default=3.0,
+    )
+    drop: float = _doc(
+        "neurons whose output contribution is below this fraction of the largest are debris", default=1e-3
+    )
+    optimizer: str = _doc(
+        "auto (lm when a student has at most lm_max_params parameters, else adam), lm or adam", default="auto"
+    )
+    lm_max_params: int = _doc(
+        "largest student trained by Levenberg–Marquardt (its P×P normal matrix per student)", default=2500
+    )
+    lm_max_iter: int = _doc("Levenberg–Marquardt iterations at most", default=300)
+    student_tol: float = _doc(
+        "relative MSE at which a student is done; the final fine-tune supplies the last digits", default=1e-16
+    )
+    stall_window: int = _doc(
+        "a student that gains less than 10× in this many LM iterations is marked stalled", default=50
+    )
+    lr: float = _doc("Adam learning rate (the reference: 1e-3)", default=1e-3)
+    batch_size: int = _doc("Adam minibatch size (the reference: 512)", default=512)
+    max_epochs: int = _doc("Adam epoch cap (the reference: 25,000)", default=25_000)
+    patience: int = _doc("Adam: epochs without improvement before the learning rate drops", default=200)
+    cooldown: int = _doc("Adam: epochs to wait after a drop", default=100)
+    min_lr: float = _doc("Adam stops when the learning rate falls below this", default=1e-7)
+    finish_lm: bool = _doc(
+        "finish Adam-trained students with Levenberg–Marquardt when they are small enough", default=True
+    )
+    finetune_iter: int = _doc("Levenberg–Marquardt iterations on the recovered network", default=100)
+    prune: bool = _doc(
+        "after the fine-tune, remove recovered neurons the exact fit does not need (zero weight, duplicates)",
+        default=True,
+    )
+    pack_size: int = _doc("students stacked in one pack (0: as many as memory allows)", default=0)
+    threads: int = _doc("torch threads for in-process training (0: all cores)", default=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.student_widths, tuple):
+            object.__setattr__(self, "student_widths", list(self.student_widths))
+        for name, (check, allowed) in _CONSTRAINTS.items():
+            value = getattr(self, name)
+            try:
+                ok = check(value)
+            except Exception:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{name}: got {value!r}; expected {allowed}")
+        activations.get(self.activation)  # names the known activations on failure
+        if math.floor(self.gamma * self.n_students + 1e-9) < 2:
+            raise ConfigError(
+                f"gamma: ⌊gamma·n_students⌋ = ⌊{self.gamma}·{self.n_students}⌋ < 2, so a cluster could be a "
+                "single student's neurons; raise n_students or gamma"
+            )
+        if len(self.student_widths) != 1:
+            raise ConfigError(
+                f"student_widths: got {self.student_widths}; this version recovers one hidden layer — "
+                "give one width (deep, layer-by-layer recovery is tracked separately)"
+            )
+
+    # ----- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        data = json.loads(text)
+        if data.pop("schema", None) != SCHEMA_VERSION:
+            raise ConfigError(f"config JSON is not of schema version {SCHEMA_VERSION}")
+        return cls.from_dict(data)
+
+    def fingerprint(self) -> str:
+        """Hash of the canonical JSON (schema version included): names run folders."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _int(lo: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _num(lo: float, hi: float, lo_open: bool = True, hi_open: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return check
+
+
+def _one_of(*opts: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in opts), "one of " + ", ".join(repr(o) for o in opts)
+
+
+_CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "activation": (lambda v: isinstance(v, str), "an activation name such as 'tanh'"),
+    "student_widths": (
+        lambda v: isinstance(v, list) and len(v) >= 1 and all(_int(1)(w) for w in v),
+        "a non-empty list of positive ints, one per hidden layer",
+    ),
+    "n_students": (_int(2), "an int >= 2"),
+    "gamma": (_num(0, 1), "a number in (0, 1]"),
+    "beta": (_num(0, math.pi / 2), "an angle in radians in (0, π/2]"),
+    "seed": (_int(0), "an int >= 0"),
+    "dtype": _one_of("float64", "float32"),
+    "backend": _one_of("auto", "local"),
+    "device": _one_of("auto", "cpu", "cuda"),
+    "cluster_backend": _one_of("auto", "scipy"),
+    "cluster_rule": _one_of("stable", "reference"),
+    "min_separation": (_num(1, math.inf, lo_open=False, hi_open=True), "a number >= 1"),
+    "drop": (_num(0, 1, lo_open=False, hi_open=True), "a number in [0, 1)"),
+    "optimizer": _one_of("auto", "lm", "adam"),
+    "lm_max_params": (_int(1), "an int >= 1"),
+    "lm_max_iter": (_int(0), "an int >= 0"),
+    "student_tol": (_num(0, 1, lo_open=False), "a number in [0, 1]"),
+    "stall_window": (_int(1), "an int >= 1"),
+    "lr": (_num(0, math.inf, hi_open=True), "a positive number"),
+    "batch_size": (_int(1), "an int >= 1"),
+    "max_epochs": (_int(0), "an int >= 0"),
+    "patience": (_int(0), "an int >= 0"),
+    "cooldown": (_int(0), "an int >= 0"),
+    "min_lr": (_num(0, math.inf, hi_open=True), "a positive number"),
+    "finish_lm": (lambda v: isinstance(v, bool), "True or False"),
+    "finetune_iter": (_int(0), "an int >= 0"),
+    "prune": (lambda v: isinstance(v, bool), "True or False"),
+    "pack_size": (_int(0), "an int >= 0"),
+    "threads": (_int(0), "an int >= 0"),
+}

@@ -1,0 +1,179 @@
+"""``compare``: how close a recovered network is to the teacher, in weights and in function.
+
+Per teacher neuron, d_w = 1 − |cos| between its [w; b] and the nearest recovered neuron's
+(1 − cos for the activation without sign symmetry) — the paper's alignment metric; per layer,
+the worst of those; the layer-size overhead (K − r)/r; the excess neurons (nearest to no
+teacher neuron); and the functional error on fresh inputs relative to the teacher's variance.
+Deeper layers are compared in the basis of the matched neurons of the layer below.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from . import activations
+from .errors import TeacherError
+from .queries import gaussian, validate
+from .teachers import Teacher, query
+
+SOLID_OUTPUT = 0.1  # an excess neuron with outgoing-weight norm above this matters (the authors' label)
+
+
+@dataclass
+class Comparison:
+    """Outcome of ``compare``. Per-layer lists have one entry per hidden layer."""
+
+    layer_sizes: list[int]
+    teacher_sizes: list[int] | None
+    max_weight_distance: list[float] | None
+    functional_mse: float
+    overhead: list[float] | None = None
+    excess: list[int] | None = None
+    solid_excess: list[int] | None = None
+    weight_distance: list[list[float]] = field(default_factory=list)  # per teacher neuron
+    matched: list[list[int]] = field(default_factory=list)  # nearest recovered neuron
+    output_distance: list[list[float]] = field(default_factory=list)  # 1 − |cos| of outgoing weights
+    n_test: int = 0
+
+    @property
+    def exact(self) -> bool:
+        """Right sizes and every teacher neuron within 1e-6 (the demo's bar)."""
+        return (
+            self.teacher_sizes is not None
+            and self.layer_sizes == self.teacher_sizes
+            and max(self.max_weight_distance or [1.0]) < 1e-6
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Comparison":
+        return cls(**d)
+
+    def summary(self) -> str:
+        rows = [f"{'layer':>5} {'teacher':>8} {'recovered':>9} {'overhead':>9} {'worst 1-|cos|':>14} {'median':>9}"]
+        for l, k in enumerate(self.layer_sizes):
+            r = self.teacher_sizes[l] if self.teacher_sizes and l < len(self.teacher_sizes) else None
+            if r is None:
+                rows.append(f"{l + 1:>5} {'?':>8} {k:>9} {'':>9} {'':>14} {'':>9}")
+                continue
+            dw = np.asarray(self.weight_distance[l]) if l < len(self.weight_distance) else np.array([np.nan])
+            rows.append(
+                f"{l + 1:>5} {r:>8} {k:>9} {self.overhead[l]:>+9.0%} {dw.max():>14.1e} {np.median(dw):>9.1e}"
+            )
+        rows.append(f"functional relative MSE on {self.n_test} fresh inputs: {self.functional_mse:.2e}")
+        return "\n".join(rows)
+
+
+def compare(
+    network: nn.Module,
+    teacher: Teacher,
+    activation: str,
+    X: np.ndarray | None = None,
+    *,
+    seed: int = 12345,
+) -> Comparison:
+    """Compare a recovered network with its teacher.
+
+    network: the recovered torch module; teacher: a torch module (weights compared) or a
+    callable (function only); X: fresh test inputs (n, d_in); default 2,000 standard Gaussian
+    inputs drawn with ``seed``.
+
+    Example:
+        >>> import ecdist
+        >>> t = ecdist.teachers.random_mlp([5, 3, 1], "tanh", seed=0)
+        >>> ecdist.compare(t, t, "tanh").max_weight_distance
+        [0.0]
+    """
+    act = activations.get(activation)
+    rec_layers = _layers(network)
+    d_in = rec_layers[0][0].shape[1]
+    X = gaussian(2000, d_in, seed=seed) if X is None else validate(X)
+    if X.shape[1] != d_in:
+        raise TeacherError(f"X has {X.shape[1]} inputs but the network takes {d_in}")
+    y_t = query(teacher, X)
+    y_r = query(network, X)
+    if y_t.shape != y_r.shape:
+        raise TeacherError(f"the teacher gives outputs of shape {y_t.shape[1:]}, the network {y_r.shape[1:]}")
+    var = y_t.var(axis=0).mean()
+    fmse = float(((y_r - y_t) ** 2).mean() / (var if var > 0 else 1.0))
+    sizes = [w.shape[0] for w, _ in rec_layers[:-1]]
+    if not isinstance(teacher, nn.Module):
+        return Comparison(sizes, None, None, fmse, n_test=len(X))
+    t_layers = _layers(teacher)
+    t_sizes = [w.shape[0] for w, _ in t_layers[:-1]]
+    sym = act.symmetry
+    dists, matches, outs, worst, excess, solid = [], [], [], [], [], []
+    sign = np.ones(d_in)  # per teacher unit of the layer below: map into the recovered basis
+    col = np.arange(d_in)
+    k_prev = d_in
+    for l in range(min(len(sizes), len(t_sizes))):
+        Wt, bt = t_layers[l]
+        Wr, br = rec_layers[l]
+        mapped = np.zeros((Wt.shape[0], k_prev))
+        np.add.at(mapped.T, col, (Wt * sign).T)
+        T = np.hstack([mapped, bt[:, None]])
+        R = np.hstack([Wr, br[:, None]])
+        if R.shape[0] == 0:
+            dists.append([1.0] * T.shape[0])
+            matches.append([-1] * T.shape[0])
+            outs.append([1.0] * T.shape[0])
+            worst.append(1.0)
+            excess.append(0)
+            solid.append(0)
+            break
+        D = sym.distance(T, R)
+        m = D.argmin(axis=1)
+        dw = np.clip(D[np.arange(len(m)), m], 0.0, None)
+        Tn = T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-300)
+        Rn = R[m] / np.maximum(np.linalg.norm(R[m], axis=1, keepdims=True), 1e-300)
+        s = np.sign((Tn * Rn).sum(axis=1)) if sym.sign else np.ones(len(m))
+        s[s == 0] = 1
+        scale = np.linalg.norm(R[m], axis=1) / np.maximum(np.linalg.norm(T, axis=1), 1e-300) if sym.scaling else np.ones(len(m))
+        a_t = t_layers[l + 1][0][:, :]  # (next, r)
+        a_r = rec_layers[l + 1][0][:, m]  # (next', r) — outgoing of the matched neurons
+        flip = s if sym.flips_outgoing else np.ones(len(m))
+        if a_t.shape[0] == a_r.shape[0]:
+            od = sym.distance((a_t * flip / scale).T, a_r.T).diagonal() if len(m) else np.zeros(0)
+        else:
+            od = np.full(len(m), np.nan)
+        dists.append(dw.tolist())
+        matches.append(m.tolist())
+        outs.append(np.asarray(od, dtype=float).tolist())
+        worst.append(float(dw.max()) if len(dw) else 0.0)
+        unmatched = np.setdiff1d(np.arange(R.shape[0]), m)
+        excess.append(int(unmatched.size))
+        solid.append(int((np.linalg.norm(rec_layers[l + 1][0][:, unmatched], axis=0) > SOLID_OUTPUT).sum()))
+        sign = (flip / scale)[None, :]  # σ_teacher = factor · σ_recovered for odd and scaling classes
+        col = m
+        k_prev = R.shape[0]
+    overhead = [(k - r) / r for k, r in zip(sizes, t_sizes)]
+    return Comparison(
+        layer_sizes=sizes,
+        teacher_sizes=t_sizes,
+        max_weight_distance=worst,
+        functional_mse=fmse,
+        overhead=overhead,
+        excess=excess,
+        solid_excess=solid,
+        weight_distance=dists,
+        matched=matches,
+        output_distance=outs,
+        n_test=len(X),
+    )
+
+
+def _layers(net: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(W, b) of every Linear layer in order (hidden layers, then the output layer)."""
+    lins = [m for m in net.modules() if isinstance(m, nn.Linear) and m is not getattr(net, "skip", None)]
+    if len(lins) < 2:
+        raise TeacherError(f"{type(net).__name__} has fewer than two Linear layers: no hidden layer to compare")
+    out = []
+    for lin in lins:
+        b = lin.bias.detach().cpu().double().numpy() if lin.bias is not None else np.zeros(lin.out_features)
+        out.append((lin.weight.detach().cpu().double().numpy(), b))
+    return out

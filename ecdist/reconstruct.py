@@ -1,0 +1,216 @@
+"""Reconstruction: from kept clusters to one network that computes the teacher's function.
+
+1. *Collapse* each cluster to one neuron: the member of the best-loss student that holds one
+   (the authors' winner-take-all, not the centroid, which debris and imprecise copies would
+   pull away); among that student's members, the one nearest the cluster's median.
+2. *Outgoing weights* by least squares over the queries, with the output bias — and, for the
+   even+linear classes, the affine path θᵀ[x; 1] that absorbs the covert linear symmetry. The
+   students' summed outgoing weights are one feasible point of this problem, so it is never
+   worse on the queries, and it aligns the output bias in the same step.
+3. *Fine-tune* the small recovered network with Levenberg–Marquardt: it starts inside the
+   teacher's basin, so a few quadratically convergent steps supply the last digits.
+4. *Prune*: once the network fits exactly, a spurious neuron's outgoing weight has gone to zero
+   and a duplicate coincides with its twin; drop them, refit, fine-tune, until nothing changes.
+   Clustering may then err on the generous side: the fit decides.
+5. Map back from standardised to original units (exact affine change of variables).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import activations
+from .network import MLP, from_layers
+from .queries import Standardizer
+from .students import LMOptions, StudentPack, fit_lm
+
+REFERENCE_TOP = 5  # the authors' collapse looks at the 5 best students only
+EXACT_FIT = 1e-16  # relative MSE below which the recovered network reproduces the teacher
+
+
+@dataclass(frozen=True)
+class Collapsed:
+    """K recovered neurons: vectors (K, D) and, per neuron, the student and row it came from."""
+
+    vectors: np.ndarray
+    student: np.ndarray
+    row: np.ndarray
+    cluster: np.ndarray
+
+
+def collapse(
+    vectors: np.ndarray,
+    student_ids: np.ndarray,
+    labels: np.ndarray,
+    student_loss: dict[int, float],
+    top: int | None = None,
+) -> Collapsed:
+    """One neuron per kept cluster, from the best student that has a member in it.
+
+    ``top``: consider only the ``top`` best students and drop clusters none of them holds (the
+    authors' rule with 5); None: all students. Example:
+
+    >>> v = np.array([[1., 0.], [1.1, 0.], [0., 1.]]); sid = np.array([0, 1, 1])
+    >>> collapse(v, sid, np.array([0, 0, -1]), {0: 1e-3, 1: 1e-9}).vectors
+    array([[1.1, 0. ]])
+    """
+    ranked = sorted(student_loss, key=lambda s: (student_loss[s], s))
+    allowed = set(ranked[:top]) if top else set(ranked)
+    rank = {s: i for i, s in enumerate(ranked)}
+    out_v, out_s, out_r, out_c = [], [], [], []
+    for c in range(int(labels.max()) + 1 if labels.size else 0):
+        rows = np.flatnonzero(labels == c)
+        holders = [s for s in np.unique(student_ids[rows]).tolist() if s in allowed]
+        if not holders:
+            continue
+        best = min(holders, key=lambda s: rank[s])
+        mine = rows[student_ids[rows] == best]
+        center = np.median(vectors[rows], axis=0)
+        pick = mine[np.argmin(np.linalg.norm(vectors[mine] - center, axis=1))]
+        out_v.append(vectors[pick])
+        out_s.append(best)
+        out_r.append(pick)
+        out_c.append(c)
+    D = vectors.shape[1]
+    return Collapsed(
+        np.asarray(out_v, dtype=np.float64).reshape(-1, D),
+        np.asarray(out_s, dtype=np.int64),
+        np.asarray(out_r, dtype=np.int64),
+        np.asarray(out_c, dtype=np.int64),
+    )
+
+
+def output_layer(
+    V: np.ndarray, X: np.ndarray, Y: np.ndarray, activation: str, affine: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Least-squares outgoing weights A (d_out, K), bias c (d_out,) and skip S (d_out, d_in) or None.
+
+    V: (K, d_in+1) recovered neurons; X: (n, d_in); Y: (n, d_out).
+    """
+    act = activations.get(activation)
+    Xt = np.hstack([X, np.ones((len(X), 1))])
+    H = act.fn(torch.as_tensor(Xt @ V.T)).numpy() if len(V) else np.zeros((len(X), 0))
+    cols = [H, np.ones((len(X), 1))] + ([X] if affine else [])
+    theta, *_ = np.linalg.lstsq(np.hstack(cols), Y, rcond=None)
+    K = V.shape[0]
+    A, c = theta[:K].T, theta[K]
+    S = theta[K + 1 :].T if affine else None
+    return A, c, S
+
+
+def finetune(
+    V: np.ndarray,
+    A: np.ndarray,
+    c: np.ndarray,
+    S: np.ndarray | None,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    activation: str,
+    iters: int,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Levenberg–Marquardt on the recovered one-hidden-layer network.
+
+    Returns its relative MSE and weights V (K, d_in+1), A (d_out, K), c (d_out,), S or None.
+    """
+    d_in, K, d_out = V.shape[1] - 1, V.shape[0], A.shape[0]
+    if K == 0:  # nothing to fine-tune: the least-squares output layer is the whole network
+        resid = (Y.cpu().double().numpy() - c - (X.cpu().double().numpy() @ S.T if S is not None else 0))
+        return float((resid**2).mean()), V, A, c, S
+    parts = [V.ravel(), np.hstack([A, c[:, None]]).ravel()]
+    if S is not None:
+        parts.append(S.ravel())
+    theta = torch.as_tensor(np.concatenate(parts)[None], dtype=X.dtype, device=X.device)
+    pack = StudentPack(theta, [d_in, K, d_out], activation, [0], skip=S is not None)
+    if iters:
+        fit_lm(pack, X, Y, LMOptions(max_iter=iters, tol=0.0, stall_window=10, stall_level=1e-30))
+    else:
+        pack.rel_loss = pack.mse(X, Y).cpu().numpy()
+    blocks = pack.block(0)[0].detach().cpu().double().numpy()
+    out = pack.block(1)[0].detach().cpu().double().numpy()
+    skip = pack.skip()[0].detach().cpu().double().numpy() if S is not None else None
+    return float(pack.rel_loss[0]), blocks, out[:, :-1], out[:, -1], skip
+
+
+def prune(
+    V: np.ndarray,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    activation: str,
+    iters: int,
+    drop: float,
+    max_trials: int = 64,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Fit the output layer and fine-tune, removing the neurons the fit does not need.
+
+    Spurious neurons tend to compensate for each other, so none of them goes to zero alone:
+    with neurons ranked by contribution (‖outgoing‖ × std of the activation), remove the k
+    weakest for k = 1, 2, … (refit and fine-tune each time) and keep the largest k whose
+    relative MSE is within 10× of the best seen; stop once a removal costs a real neuron
+    (error up by 10⁶). Only an exact fit (relative MSE ≤ ``EXACT_FIT``) can tell a spurious
+    neuron from a weak real one, so without one nothing but duplicates (canonical vectors
+    within 1e-6, merged first) is removed. Returns the relative MSE, V, A, c, S and the
+    indices of the input neurons that were kept.
+    """
+    act = activations.get(activation)
+    Xn, Yn = X.cpu().double().numpy(), Y.cpu().double().numpy()
+    Xt1 = np.hstack([Xn, np.ones((len(Xn), 1))])
+
+    def fit(rows: np.ndarray):
+        A, c, S = output_layer(V[rows], Xn, Yn, act.name, act.symmetry.needs_affine)
+        return finetune(V[rows], A, c, S, X, Y, act.name, iters)
+
+    kept = _merge_twins(V, act)
+    best_fit = fit(kept)
+    if len(kept) == 0:
+        return (*best_fit, kept)
+    loss, Vf, A = best_fit[0], best_fit[1], best_fit[2]
+    contrib = act.fn(torch.as_tensor(Xt1 @ Vf.T)).numpy().std(axis=0) * np.linalg.norm(A, axis=0)
+    order = np.argsort(contrib, kind="stable")
+    floor = 1e-26  # rounding level of a relative MSE in float64
+    trials = [best_fit]
+    for k in range(1, min(len(kept), max_trials + 1)):
+        trials.append(fit(np.sort(kept[order[k:]])))
+        if trials[-1][0] > 1e6 * max(min(t[0] for t in trials), floor):
+            break
+    best = max(min(t[0] for t in trials), floor)
+    if best > EXACT_FIT:
+        return (*best_fit, kept)
+    k = max(i for i, t in enumerate(trials) if t[0] <= 10 * best)
+    return (*trials[k], np.sort(kept[order[k:]]))
+
+
+def _merge_twins(V: np.ndarray, act: activations.Activation) -> np.ndarray:
+    """Indices of V without duplicates: canonical vectors within 1e-6 (relative) of a kept one."""
+    canon = act.symmetry.canonicalize(V).vectors if len(V) else V
+    keep: list[int] = []
+    for j in range(len(V)):
+        if all(np.linalg.norm(canon[j] - canon[i]) >= 1e-6 * np.linalg.norm(canon[i]) for i in keep):
+            keep.append(j)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def to_original(
+    V: np.ndarray,
+    A: np.ndarray,
+    c: np.ndarray,
+    S: np.ndarray | None,
+    xs: Standardizer,
+    ys: Standardizer,
+    activation: str,
+) -> MLP:
+    """The network in the teacher's units, from weights fitted on standardised data.
+
+    x̂ = (x − μx)/sx and y = sy·ŷ + μy, so w = ŵ/sx, b = b̂ − ŵ·μx/sx, and the output layer
+    (and skip path) are scaled by sy with the means folded into the output bias.
+    """
+    W = V[:, :-1] / xs.scale
+    b = V[:, -1] - W @ xs.mean
+    A_o = A * ys.scale[:, None]
+    c_o = c * ys.scale + ys.mean
+    skip = None
+    if S is not None:
+        skip = S / xs.scale * ys.scale[:, None]
+        c_o = c_o - skip @ xs.mean
+    return from_layers([W, A_o], [b, c_o], activation, skip=skip)

@@ -1,0 +1,175 @@
+"""Teachers: the black boxes whose weights are recovered.
+
+A teacher is a torch module (weights readable, for ``compare``) or any callable numpy → numpy
+(a true black box). ``query`` is the one place a teacher is called: in batches, under
+``no_grad``, with every failure turned into a ``TeacherError`` that says what went wrong.
+Files are read with ``torch.load(weights_only=True)`` or safetensors: loading never runs code.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import activations
+from .errors import TeacherError
+from .network import MLP, from_layers  # noqa: F401  (MLP is part of this module's API)
+
+Teacher = Union[nn.Module, Callable[[np.ndarray], Any]]
+
+
+def random_mlp(widths: Sequence[int], activation: str = "tanh", seed: int = 0) -> MLP:
+    """A synthetic teacher ``widths = [d_in, h_1, …, d_out]`` with N(0, 1) entries.
+
+    Incoming weights of every hidden layer are scaled by 1/√fan_in, so pre-activations are
+    O(1) on standard Gaussian inputs; biases and output weights are N(0, 1) (the calibration
+    problems of ``shared/reference/calibration.md``).
+
+    Example:
+        >>> t = random_mlp([20, 8, 1], "tanh", seed=0)
+        >>> t.widths
+        [20, 8, 1]
+    """
+    widths = [int(w) for w in widths]
+    if len(widths) < 3 or min(widths) < 1:
+        raise TeacherError(f"widths {widths}: need [d_in, h_1, ..., d_out] with at least one hidden layer")
+    rng = np.random.default_rng(seed)
+    weights, biases = [], []
+    for li, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        hidden = li < len(widths) - 2
+        scale = 1 / math.sqrt(i) if hidden else 1.0
+        weights.append(rng.standard_normal((o, i)) * scale)
+        biases.append(rng.standard_normal(o))
+    return from_layers(weights, biases, activation)
+
+
+def parse_arch(arch: str | Sequence[int]) -> list[int]:
+    """``"20-8-1"`` → ``[20, 8, 1]``."""
+    if not isinstance(arch, str):
+        return [int(a) for a in arch]
+    try:
+        widths = [int(p) for p in arch.replace("x", "-").split("-")]
+    except ValueError:
+        raise TeacherError(f"arch {arch!r}: expected widths joined by '-', e.g. '20-8-1'") from None
+    if len(widths) < 3 or min(widths) < 1:
+        raise TeacherError(f"arch {arch!r}: expected d_in-h_1-...-d_out with at least one hidden layer")
+    return widths
+
+
+def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
+    """A teacher from a saved state dict (``.pt``/``.pth`` or ``.safetensors``) and its architecture.
+
+    The state dict may be ecdist's own (``layers.0.weight``…) or any whose Linear weights and
+    biases appear in order (``nn.Sequential``: ``0.weight``, ``2.weight``…). A pickled module is
+    refused: loading it would run code from the file; save ``module.state_dict()`` instead.
+    """
+    path = Path(path)
+    widths = parse_arch(arch)
+    activations.get(activation)
+    if not path.is_file():
+        raise TeacherError(f"teacher file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError and others for foreign content
+        raise TeacherError(
+            f"teacher file {path} could not be read safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "save the teacher with torch.save(module.state_dict(), path) or safetensors"
+        ) from None
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TeacherError(f"teacher file {path} does not hold a state dict of tensors")
+    mats = [(k, v) for k, v in state.items() if v.ndim == 2]
+    vecs = [(k, v) for k, v in state.items() if v.ndim == 1]
+    expected = list(zip(widths[:-1], widths[1:]))
+    if len(mats) != len(expected) or len(vecs) != len(expected):
+        raise TeacherError(
+            f"teacher file {path}: found {len(mats)} weight matrices and {len(vecs)} bias vectors, "
+            f"but arch {widths} needs {len(expected)} of each"
+        )
+    for (k, w), (i, o) in zip(mats, expected):
+        if tuple(w.shape) != (o, i):
+            raise TeacherError(f"teacher file {path}: {k} has shape {tuple(w.shape)}, arch {widths} needs {(o, i)}")
+    for (k, b), (_, o) in zip(vecs, expected):
+        if tuple(b.shape) != (o,):
+            raise TeacherError(f"teacher file {path}: {k} has shape {tuple(b.shape)}, arch {widths} needs {(o,)}")
+    return from_layers(
+        [w.double().numpy() for _, w in mats], [b.double().numpy() for _, b in vecs], activation
+    )
+
+
+def from_spec(spec: str) -> Callable[[np.ndarray], Any]:
+    """A black-box teacher named ``package.module:function`` (imported, so this runs its code)."""
+    mod_name, sep, fn_name = spec.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise TeacherError(f"teacher {spec!r}: expected 'module:function', e.g. 'mypkg.oracle:query'")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise TeacherError(f"teacher {spec!r} could not be imported: {exc}") from None
+    if not callable(fn):
+        raise TeacherError(f"teacher {spec!r} is not callable")
+    return fn
+
+
+def query(teacher: Teacher, X: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """Y = teacher(X) as a float64 array (n, d_out), checked: right length, finite, 2-D.
+
+    Raises TeacherError naming the failing batch or the first bad rows.
+    """
+    n = X.shape[0]
+    parts = []
+    for s in range(0, n, batch_size):
+        xb = X[s : s + batch_size]
+        try:
+            yb = _call(teacher, xb)
+        except TeacherError:
+            raise
+        except Exception as exc:
+            raise TeacherError(
+                f"the teacher raised {type(exc).__name__} on queries {s}..{s + len(xb) - 1}: {exc}"
+            ) from exc
+        yb = np.asarray(yb, dtype=np.float64)
+        if yb.ndim == 1:
+            yb = yb[:, None]
+        if yb.ndim != 2 or yb.shape[0] != len(xb):
+            raise TeacherError(
+                f"the teacher answered {len(xb)} queries with an array of shape {yb.shape}; "
+                f"expected ({len(xb)},) or ({len(xb)}, d_out)"
+            )
+        parts.append(yb)
+    Y = np.concatenate(parts) if parts else np.zeros((0, 1))
+    bad = ~np.isfinite(Y).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise TeacherError(
+            f"the teacher returned NaN or infinite outputs for {rows.size} of {n} queries "
+            f"(first rows: {rows[:10].tolist()}); check the teacher and the query range"
+        )
+    return Y
+
+
+def _call(teacher: Teacher, xb: np.ndarray) -> Any:
+    if isinstance(teacher, nn.Module):
+        p = next(iter(teacher.parameters()), None)
+        dtype = p.dtype if p is not None else torch.float64
+        device = p.device if p is not None else "cpu"
+        with torch.no_grad():
+            out = teacher(torch.as_tensor(xb, dtype=dtype, device=device))
+        return out.detach().cpu().double().numpy()
+    if callable(teacher):
+        out = teacher(xb)
+        return out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else out
+    raise TeacherError(f"the teacher must be a torch module or a callable, got {type(teacher).__name__}")
+
