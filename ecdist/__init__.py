@@ -16,7 +16,7 @@ from . import cluster, queries, teachers
 from .config import Config
 from .errors import ConfigError, EcdistError, QueryError, RunFolderError, TeacherError
 from .metrics import Comparison, compare
-from .pipeline import Recovery, recover
+from .pipeline import Recovery, recluster, recover
 from .storage import load_recovery as load
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "compare",
     "load",
     "queries",
+    "recluster",
     "recover",
     "teachers",
 ]

@@ -86,8 +86,9 @@ def compare(
     Example:
         >>> import ecdist
         >>> t = ecdist.teachers.random_mlp([5, 3, 1], "tanh", seed=0)
-        >>> ecdist.compare(t, t, "tanh").max_weight_distance
-        [0.0]
+        >>> rep = ecdist.compare(t, t, "tanh")
+        >>> rep.layer_sizes, rep.max_weight_distance[0] < 1e-15, rep.functional_mse
+        ([3], True, 0.0)
     """
     act = activations.get(activation)
     rec_layers = _layers(network)

@@ -7,6 +7,7 @@ has already checked itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ import torch
 from . import activations, storage
 from .cluster import Clusters, cluster_layer
 from .config import Config
-from .errors import ConfigError, RunFolderError, TeacherError
+from .errors import ConfigError, QueryError, TeacherError
 from .network import MLP
 from .queries import Standardizer, validate
 from .reconstruct import REFERENCE_TOP, collapse, finetune, output_layer, prune, to_original
@@ -109,9 +110,9 @@ def recover(
 
     Example:
         >>> import ecdist
-        >>> t = ecdist.teachers.random_mlp([4, 2, 1], "tanh", seed=0)
-        >>> X = ecdist.queries.gaussian(300, 4, seed=1)
-        >>> cfg = ecdist.Config(activation="tanh", student_widths=[6], n_students=6, seed=0)
+        >>> t = ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=0)
+        >>> X = ecdist.queries.gaussian(500, 10, seed=1)
+        >>> cfg = ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0)
         >>> ecdist.recover(t, X, cfg).layer_sizes
         [2]
     """
@@ -126,7 +127,8 @@ def recover(
         raise TeacherError("the teacher's output is constant on these queries: there is nothing to recover")
     timings["query"] = time.perf_counter() - t0
     report("query", {"n": len(X), "d_in": X.shape[1], "d_out": Y.shape[1]})
-    run = storage.RunFolder.open(out, config, _fingerprint(X, Y), resume) if out is not None else None
+    fingerprint = _fingerprint(X, Y)
+    run = storage.RunFolder.open(out, config, fingerprint, resume) if out is not None else None
 
     act = activations.get(config.activation)
     plan = _plan(config, X.shape[1], Y.shape[1])
@@ -143,58 +145,39 @@ def recover(
         ]
         timings["train"] = time.perf_counter() - t1
 
-        t2 = time.perf_counter()
         rows = [p.layer_neurons(Xt, 0) for p in packs]
         layer = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
         can = act.symmetry.canonicalize(layer["vectors"], layer["outgoing"], act.linear_coef)
-        clusters = cluster_layer(
-            can.vectors, layer["student_ids"], config.gamma, config.beta,
-            backend=config.cluster_backend, rule=config.cluster_rule, weights=layer["contribution"],
-            drop=config.drop, n_students=config.n_students, min_separation=config.min_separation,
+        neurons = pa.table(
+            {
+                "student": layer["student_ids"],
+                "neuron": np.concatenate([np.arange(p.widths[1]) for p in packs for _ in p.ids]),
+                "contribution": layer["contribution"],
+                "sign": can.sign,
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(can.vectors.ravel()), can.vectors.shape[1]),
+            }
         )
-        timings["cluster"] = time.perf_counter() - t2
-        report("cluster", {"layer": 1, "kept": clusters.n_clusters, "rows": len(can.vectors)})
-        if clusters.n_clusters == 0:
-            log.warning(
-                "layer 1: no cluster spans %d students; the students may not have converged "
-                "(see the students table) — try more students, wider students or more queries",
-                clusters.min_students,
-            )
-
-        t3 = time.perf_counter()
-        losses = {int(s): float(l) for p in packs for s, l in zip(p.ids, p.rel_loss)}
-        top = REFERENCE_TOP if config.cluster_rule == "reference" else None
-        col = collapse(can.vectors, layer["student_ids"], clusters.labels, losses, top)
-        if config.prune:
-            final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter, config.drop)
-        else:
-            Xn, Yn = Xt.cpu().double().numpy(), Yt.cpu().double().numpy()
-            A, c, S = output_layer(col.vectors, Xn, Yn, act.name, act.symmetry.needs_affine)
-            final, V, A, c, S = finetune(col.vectors, A, c, S, Xt, Yt, act.name, config.finetune_iter)
-            kept = np.arange(len(V))
-        network = to_original(V, A, c, S, xs, ys, act.name)
-        timings["reconstruct"] = time.perf_counter() - t3
-    report("reconstruct", {"widths": [len(V)], "rel_mse": final, "pruned": len(col.vectors) - len(V)})
-
-    students = pa.table(
-        {
-            "student": pa.array([int(s) for p in packs for s in p.ids], pa.int64()),
-            "pack": pa.array([i for i, p in enumerate(packs) for _ in p.ids], pa.int64()),
-            "rel_loss": pa.array([float(l) for p in packs for l in p.rel_loss], pa.float64()),
-            "status": pa.array([STATUS_NAMES[int(s)] for p in packs for s in p.status]),
-            "steps": pa.array([p.steps for p in packs for _ in p.ids], pa.int64()),
-        }
-    )
+        students = pa.table(
+            {
+                "student": pa.array([int(s) for p in packs for s in p.ids], pa.int64()),
+                "pack": pa.array([i for i, p in enumerate(packs) for _ in p.ids], pa.int64()),
+                "rel_loss": pa.array([float(l) for p in packs for l in p.rel_loss], pa.float64()),
+                "status": pa.array([STATUS_NAMES[int(s)] for p in packs for s in p.status]),
+                "steps": pa.array([p.steps for p in packs for _ in p.ids], pa.int64()),
+            }
+        )
+        layer_result, network, final = _reconstruct(config, neurons, students, Xt, Yt, xs, ys, timings, report)
     steps, hist = _history(packs)
     result = Recovery(
         config=config,
-        layer_sizes=[int(len(V))],
+        layer_sizes=[layer_result.width],
         network=network,
-        layers=[_layer_result(0, layer, can, clusters, col, network, kept)],
+        layers=[layer_result],
         students=students,
         history_steps=steps,
         history=hist,
-        plan={k: v for k, v in plan.items() if k != "packs"} | {"pack_sizes": [len(p) for p in plan["packs"]]},
+        plan={k: v for k, v in plan.items() if k != "packs"}
+        | {"pack_sizes": [len(p) for p in plan["packs"]], "data_fingerprint": fingerprint},
         timings=timings | {"total": time.perf_counter() - t0},
         final_rel_mse=final,
     )
@@ -202,6 +185,102 @@ def recover(
         run.finish(result)
     report("done", {"layer_sizes": result.layer_sizes})
     return result
+
+
+RECLUSTER_FIELDS = ("gamma", "beta", "cluster_backend", "cluster_rule", "min_separation", "drop", "prune", "finetune_iter")
+
+
+def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any) -> Recovery:
+    """Cluster and reconstruct again from a result's trained students, with new settings.
+
+    Training is the expensive part; the clustering and reconstruction settings
+    (``RECLUSTER_FIELDS``) can be revised without it. ``teacher`` and ``X`` must be the ones
+    the students were trained on (checked by fingerprint).
+
+    Example:
+        >>> import ecdist
+        >>> t = ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=0)
+        >>> X = ecdist.queries.gaussian(500, 10, seed=1)
+        >>> r = ecdist.recover(t, X, ecdist.Config(activation="tanh", student_widths=[8], n_students=8))
+        >>> ecdist.recluster(r, t, X, cluster_rule="reference").config.cluster_rule
+        'reference'
+    """
+    unknown = sorted(set(changes) - set(RECLUSTER_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"recluster: {unknown} change the students and need a new run; recluster can change {list(RECLUSTER_FIELDS)}"
+        )
+    config = result.config.replace(**changes)
+    t0 = time.perf_counter()
+    X = validate(X)
+    Y = query(teacher, X)
+    if result.plan.get("data_fingerprint") not in (None, _fingerprint(X, Y)):
+        raise QueryError("recluster: these queries or teacher outputs are not the ones the students were trained on")
+    xs, ys = Standardizer.fit(X), Standardizer.fit(Y)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    timings: dict[str, float] = {}
+    with _threads(config.threads):
+        Xt = torch.as_tensor(xs(X), dtype=dtype)
+        Yt = torch.as_tensor(ys(Y), dtype=dtype)
+        base = result.layers[0].neurons.select(["student", "neuron", "contribution", "sign", "vector"])
+        layer_result, network, final = _reconstruct(config, base, result.students, Xt, Yt, xs, ys, timings, _progress_fn(None))
+    return dataclasses.replace(
+        result,
+        config=config,
+        layer_sizes=[layer_result.width],
+        network=network,
+        layers=[layer_result],
+        timings=timings | {"total": time.perf_counter() - t0},
+        final_rel_mse=final,
+        comparison=None,
+    )
+
+
+def _reconstruct(
+    config: Config,
+    neurons: pa.Table,
+    students: pa.Table,
+    Xt: torch.Tensor,
+    Yt: torch.Tensor,
+    xs: Standardizer,
+    ys: Standardizer,
+    timings: dict[str, float],
+    report: Progress,
+) -> tuple[LayerResult, MLP, float]:
+    """Cluster one layer's canonical neurons, collapse, fit, prune; the network in original units."""
+    act = activations.get(config.activation)
+    vectors = np.asarray(neurons.column("vector").combine_chunks().flatten()).reshape(neurons.num_rows, -1)
+    sids = np.asarray(neurons.column("student"))
+    t0 = time.perf_counter()
+    clusters = cluster_layer(
+        vectors, sids, config.gamma, config.beta,
+        backend=config.cluster_backend, rule=config.cluster_rule, weights=np.asarray(neurons.column("contribution")),
+        drop=config.drop, n_students=config.n_students, min_separation=config.min_separation,
+    )
+    timings["cluster"] = time.perf_counter() - t0
+    report("cluster", {"layer": 1, "kept": clusters.n_clusters, "rows": len(vectors)})
+    if clusters.n_clusters == 0:
+        log.warning(
+            "layer 1: no cluster spans %d students; the students may not have converged "
+            "(see the students table) — try more students, wider students or more queries",
+            clusters.min_students,
+        )
+    t1 = time.perf_counter()
+    losses = dict(zip(np.asarray(students.column("student")).tolist(), np.asarray(students.column("rel_loss")).tolist()))
+    top = REFERENCE_TOP if config.cluster_rule == "reference" else None
+    col = collapse(vectors, sids, clusters.labels, losses, top)
+    if config.prune:
+        final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter, config.drop)
+    else:
+        Xn, Yn = Xt.cpu().double().numpy(), Yt.cpu().double().numpy()
+        A, c, S = output_layer(col.vectors, Xn, Yn, act.name, act.symmetry.needs_affine)
+        final, V, A, c, S = finetune(col.vectors, A, c, S, Xt, Yt, act.name, config.finetune_iter)
+        kept = np.arange(len(V))
+    network = to_original(V, A, c, S, xs, ys, act.name)
+    timings["reconstruct"] = time.perf_counter() - t1
+    report("reconstruct", {"widths": [len(V)], "rel_mse": final, "pruned": len(col.vectors) - len(V)})
+    table = neurons.append_column("cluster", pa.array(clusters.labels)).append_column("dropped", pa.array(clusters.dropped))
+    return _layer_result(0, table, clusters, col, network, kept), network, final
 
 
 def _plan(config: Config, d_in: int, d_out: int) -> dict[str, Any]:
@@ -277,25 +356,12 @@ def _train_pack(
     return pack
 
 
-def _layer_result(index, layer, can, clusters, col, network: MLP, kept: np.ndarray) -> LayerResult:
+def _layer_result(index: int, neurons: pa.Table, clusters: Clusters, col, network: MLP, kept: np.ndarray) -> LayerResult:
     """Tables of one layer: every student neuron, and every candidate cluster with its fate."""
-    D = can.vectors.shape[1]
-    neurons = pa.table(
-        {
-            "student": layer["student_ids"],
-            "neuron": np.concatenate([np.arange((layer["student_ids"] == s).sum()) for s in np.unique(layer["student_ids"])]),
-            "cluster": clusters.labels,
-            "dropped": clusters.dropped,
-            "contribution": layer["contribution"],
-            "sign": can.sign,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(can.vectors.ravel()), D),
-        }
-    )
     sel = col.cluster
     neuron = np.full(len(sel), -1, dtype=np.int64)
     neuron[kept] = np.arange(len(kept))
     vec = network.neuron_vectors(index)
-    vectors = [vec[n].tolist() if n >= 0 else None for n in neuron]
     tbl = pa.table(
         {
             "cluster": sel,
@@ -306,7 +372,7 @@ def _layer_result(index, layer, can, clusters, col, network: MLP, kept: np.ndarr
             "lifetime": clusters.separation[sel],
             "median_cos_dist": clusters.median_cos_dist[sel],
             "source_student": col.student,
-            "vector": pa.array(vectors, pa.list_(pa.float64(), vec.shape[1])),
+            "vector": pa.array([vec[n].tolist() if n >= 0 else None for n in neuron], pa.list_(pa.float64(), vec.shape[1])),
         }
     )
     return LayerResult(index + 1, len(kept), neurons, tbl, clusters)
