@@ -41,8 +41,13 @@ class Activation:
         return self.fn(z)
 
 
+def _softplus(z: torch.Tensor) -> torch.Tensor:
+    # log(1 + e^z) without torch's switch to z above 20, so that its derivative is sigmoid everywhere
+    return torch.logaddexp(z, torch.zeros_like(z))
+
+
 def _g(z: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(4 * z) + F.softplus(z)
+    return torch.sigmoid(4 * z) + _softplus(z)
 
 
 def _g_grad(z: torch.Tensor) -> torch.Tensor:
@@ -92,7 +97,7 @@ REGISTRY: dict[str, Activation] = {
         # sigmoid(-z) = 1 - sigmoid(z): a sign flip moves a constant into the next bias.
         Activation("sigmoid", torch.sigmoid, _sigmoid_grad, ODD_CONSTANT),
         # softplus(z) - softplus(-z) = z, likewise GELU and SiLU: the covert linear symmetry.
-        Activation("softplus", F.softplus, torch.sigmoid, EVEN_LINEAR, 0.5),
+        Activation("softplus", _softplus, torch.sigmoid, EVEN_LINEAR, 0.5),
         Activation("gelu", _gelu, _gelu_grad, EVEN_LINEAR, 0.5),
         Activation("silu", F.silu, _silu_grad, EVEN_LINEAR, 0.5),
         Activation("relu", torch.relu, lambda z: (z > 0).to(z.dtype), EVEN_LINEAR_SCALING, 0.5),

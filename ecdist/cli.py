@@ -33,7 +33,7 @@ def angle(text: str) -> float:
         if m:
             return float(m.group(1) or 1) * math.pi / float(m.group(2) or 1)
         return float(t)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         pass
     raise argparse.ArgumentTypeError(f"{text!r} is not an angle (try 1.047 or pi/3)")
 

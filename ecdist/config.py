@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,10 @@ class Config:
     stall_window: int = _doc(
         "a student that gains less than 10× in this many LM iterations is marked stalled", default=50
     )
+    restarts: int = _doc(
+        "fresh starts for a student that stalls in a local minimum (above restart_above); 0 to disable", default=2
+    )
+    restart_above: float = _doc("a stall above this relative MSE is a local minimum worth a restart", default=1e-6)
     lr: float = _doc("Adam learning rate (the reference: 1e-3)", default=1e-3)
     batch_size: int = _doc("Adam minibatch size (the reference: 512)", default=512)
     max_epochs: int = _doc("Adam epoch cap (the reference: 25,000)", default=25_000)
@@ -124,6 +129,9 @@ class Config:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(f"config is missing the required field(s) {missing}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -131,8 +139,11 @@ class Config:
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
-        data = json.loads(text)
-        if data.pop("schema", None) != SCHEMA_VERSION:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config JSON is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.pop("schema", None) != SCHEMA_VERSION:
             raise ConfigError(f"config JSON is not of schema version {SCHEMA_VERSION}")
         return cls.from_dict(data)
 
@@ -145,12 +156,12 @@ class Config:
 
 
 def _int(lo: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
 
 
 def _num(lo: float, hi: float, lo_open: bool = True, hi_open: bool = False) -> Callable[[Any], bool]:
     def check(v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             return False
         return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
 
@@ -183,6 +194,8 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lm_max_iter": (_int(0), "an int >= 0"),
     "student_tol": (_num(0, 1, lo_open=False), "a number in [0, 1]"),
     "stall_window": (_int(1), "an int >= 1"),
+    "restarts": (_int(0), "an int >= 0"),
+    "restart_above": (_num(0, 1, lo_open=False), "a number in [0, 1]"),
     "lr": (_num(0, math.inf, hi_open=True), "a positive number"),
     "batch_size": (_int(1), "an int >= 1"),
     "max_epochs": (_int(0), "an int >= 0"),

@@ -118,7 +118,13 @@ def recover(
     """
     if not isinstance(config, Config):
         raise ConfigError(f"config: expected an ecdist.Config, got {type(config).__name__}")
-    report = _progress_fn(progress)
+    with _progress(progress) as report:
+        return _recover(teacher, X, config, out, resume, report)
+
+
+def _recover(
+    teacher: Teacher, X: np.ndarray, config: Config, out: str | Path | None, resume: bool, report: Progress
+) -> Recovery:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     X = validate(X)
@@ -223,7 +229,7 @@ def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any)
         Xt = torch.as_tensor(xs(X), dtype=dtype)
         Yt = torch.as_tensor(ys(Y), dtype=dtype)
         base = result.layers[0].neurons.select(["student", "neuron", "contribution", "sign", "vector"])
-        layer_result, network, final = _reconstruct(config, base, result.students, Xt, Yt, xs, ys, timings, _progress_fn(None))
+        layer_result, network, final = _reconstruct(config, base, result.students, Xt, Yt, xs, ys, timings, _quiet)
     return dataclasses.replace(
         result,
         config=config,
@@ -270,7 +276,7 @@ def _reconstruct(
     top = REFERENCE_TOP if config.cluster_rule == "reference" else None
     col = collapse(vectors, sids, clusters.labels, losses, top)
     if config.prune:
-        final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter, config.drop)
+        final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
     else:
         Xn, Yn = Xt.cpu().double().numpy(), Yt.cpu().double().numpy()
         A, c, S = output_layer(col.vectors, Xn, Yn, act.name, act.symmetry.needs_affine)
@@ -340,7 +346,10 @@ def _train_pack(
         if run is not None and i % CHECKPOINT_EVERY == 0:
             run.save_pack(index, pack.state() | {"phase": np.asarray(phase)})
 
-    lm = LMOptions(max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window)
+    lm = LMOptions(
+        max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window,
+        restarts=config.restarts, restart_above=config.restart_above,
+    )
     phase = str(state["phase"]) if state is not None and "phase" in state else "adam"
     if plan["optimizer"] == "adam" and phase == "adam":
         adam = AdamOptions(
@@ -408,11 +417,20 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _progress_fn(progress: Progress | bool | None) -> Progress:
+def _quiet(event: str, info: dict[str, Any]) -> None:
+    """A progress callback that shows nothing."""
+
+
+@contextmanager
+def _progress(progress: Progress | bool | None):
+    """The progress callback for a run; a live view (``True``) is stopped however the run ends."""
     if progress is True:
         from .progress import RichProgress
 
-        return RichProgress()
-    if callable(progress):
-        return progress
-    return lambda event, info: None
+        view = RichProgress()
+        try:
+            yield view
+        finally:
+            view.close()
+    else:
+        yield progress if callable(progress) else _quiet

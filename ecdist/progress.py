@@ -38,5 +38,7 @@ class RichProgress:
             self._bar.console.print(f"layer {info['layer']}: {info['kept']} clusters kept from {info['rows']} neurons")
         elif event == "reconstruct":
             self._bar.console.print(f"recovered widths {info['widths']}, relative MSE {info['rel_mse']:.1e}")
-        elif event == "done":
-            self._bar.stop()
+
+
+    def close(self) -> None:
+        self._bar.stop()

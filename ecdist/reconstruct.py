@@ -9,9 +9,9 @@
    worse on the queries, and it aligns the output bias in the same step.
 3. *Fine-tune* the small recovered network with Levenberg–Marquardt: it starts inside the
    teacher's basin, so a few quadratically convergent steps supply the last digits.
-4. *Prune*: once the network fits exactly, a spurious neuron's outgoing weight has gone to zero
-   and a duplicate coincides with its twin; drop them, refit, fine-tune, until nothing changes.
-   Clustering may then err on the generous side: the fit decides.
+4. *Prune*: once the network fits exactly, a neuron the teacher does not have is one whose
+   removal (and a refit) keeps the fit exact; duplicates coincide with their twins. Clustering
+   may then err on the generous side: the fit decides (see ``prune``).
 5. Map back from standardised to original units (exact affine change of variables).
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def finetune(
     theta = torch.as_tensor(np.concatenate(parts)[None], dtype=X.dtype, device=X.device)
     pack = StudentPack(theta, [d_in, K, d_out], activation, [0], skip=S is not None)
     if iters:
-        fit_lm(pack, X, Y, LMOptions(max_iter=iters, tol=0.0, stall_window=10, stall_level=1e-30))
+        fit_lm(pack, X, Y, LMOptions(max_iter=iters, tol=0.0, stall_window=10, stall_level=1e-30, restarts=0))
     else:
         pack.rel_loss = pack.mse(X, Y).cpu().numpy()
     blocks = pack.block(0)[0].detach().cpu().double().numpy()
@@ -139,46 +139,60 @@ def prune(
     Y: torch.Tensor,
     activation: str,
     iters: int,
-    drop: float,
     max_trials: int = 64,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Fit the output layer and fine-tune, removing the neurons the fit does not need.
 
-    Spurious neurons tend to compensate for each other, so none of them goes to zero alone:
-    with neurons ranked by contribution (‖outgoing‖ × std of the activation), remove the k
-    weakest for k = 1, 2, … (refit and fine-tune each time) and keep the largest k whose
-    relative MSE is within 10× of the best seen; stop once a removal costs a real neuron
-    (error up by 10⁶). Only an exact fit (relative MSE ≤ ``EXACT_FIT``) can tell a spurious
-    neuron from a weak real one, so without one nothing but duplicates (canonical vectors
-    within 1e-6, merged first) is removed. Returns the relative MSE, V, A, c, S and the
-    indices of the input neurons that were kept.
+    Only an exact fit (relative MSE ≤ ``EXACT_FIT``) can tell a spurious neuron from a weak real
+    one, so without one nothing but duplicates (canonical vectors within 1e-6, merged first) is
+    removed. With one, two passes over the neurons ranked by contribution (‖outgoing‖ × std of
+    the activation), each removal followed by a refit and fine-tune:
+
+    1. groups — spurious neurons tend to compensate for each other, so none of them goes to
+       zero alone: remove the k weakest for k = 1, 2, … and keep the largest k whose error is
+       within 10× of the best seen (stop once a removal costs a real neuron: error × 10⁶);
+    2. singles — a spurious neuron can outweigh a weak real one: try each remaining neuron
+       alone and drop it if the fit stays exact.
+
+    Returns the relative MSE, V, A, c, S and the indices of the input neurons that were kept.
     """
     act = activations.get(activation)
     Xn, Yn = X.cpu().double().numpy(), Y.cpu().double().numpy()
     Xt1 = np.hstack([Xn, np.ones((len(Xn), 1))])
+    floor = 1e-20  # fits below this are all exact: their differences are rounding and LM stopping noise
 
     def fit(rows: np.ndarray):
         A, c, S = output_layer(V[rows], Xn, Yn, act.name, act.symmetry.needs_affine)
         return finetune(V[rows], A, c, S, X, Y, act.name, iters)
 
+    def weakest_first(rows: np.ndarray, result) -> np.ndarray:
+        _, Vf, A = result[:3]
+        contrib = act.fn(torch.as_tensor(Xt1 @ Vf.T)).numpy().std(axis=0) * np.linalg.norm(A, axis=0)
+        return rows[np.argsort(contrib, kind="stable")]
+
     kept = _merge_twins(V, act)
-    best_fit = fit(kept)
+    current = fit(kept)
     if len(kept) == 0:
-        return (*best_fit, kept)
-    loss, Vf, A = best_fit[0], best_fit[1], best_fit[2]
-    contrib = act.fn(torch.as_tensor(Xt1 @ Vf.T)).numpy().std(axis=0) * np.linalg.norm(A, axis=0)
-    order = np.argsort(contrib, kind="stable")
-    floor = 1e-26  # rounding level of a relative MSE in float64
-    trials = [best_fit]
+        return (*current, kept)
+    order = weakest_first(kept, current)
+    trials = [current]
     for k in range(1, min(len(kept), max_trials + 1)):
-        trials.append(fit(np.sort(kept[order[k:]])))
+        trials.append(fit(np.sort(order[k:])))
         if trials[-1][0] > 1e6 * max(min(t[0] for t in trials), floor):
             break
     best = max(min(t[0] for t in trials), floor)
     if best > EXACT_FIT:
-        return (*best_fit, kept)
+        return (*current, kept)
     k = max(i for i, t in enumerate(trials) if t[0] <= 10 * best)
-    return (*trials[k], np.sort(kept[order[k:]]))
+    kept, current = np.sort(order[k:]), trials[k]
+    for j in weakest_first(kept, current)[:max_trials]:
+        if len(kept) == 1:
+            break
+        rows = kept[kept != j]
+        trial = fit(rows)
+        if trial[0] <= 10 * max(current[0], floor):
+            kept, current = rows, trial
+    return (*current, kept)
 
 
 def _merge_twins(V: np.ndarray, act: activations.Activation) -> np.ndarray:

@@ -165,7 +165,10 @@ def load_recovery(path: str | Path) -> "Recovery":
         state = load_file(str(path / "network.safetensors"))
         net.load_state_dict(state)
     except (KeyError, TypeError, FileNotFoundError, SafetensorError, RuntimeError) as exc:
-        raise RunFolderError(f"the network in {path} could not be read ({type(exc).__name__}: {exc})") from None
+        raise RunFolderError(
+            f"{path / 'network.safetensors'} (with network.json) could not be read ({type(exc).__name__}: {exc}); "
+            "the folder is damaged: re-run the recovery, or resume it from its checkpoints"
+        ) from None
     students = _read_parquet(path / "students.parquet")
     hist = _read_parquet(path / "history.parquet")
     n = students.num_rows
@@ -203,6 +206,8 @@ class RunFolder:
     def open(cls, path: str | Path, config: Config, data_fingerprint: str, resume: bool) -> "RunFolder":
         """Start a run in ``path`` or, with ``resume``, check that ``path`` holds this same run."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"{path} is a file, not a folder; give a new or empty folder for the run")
         ident = {"schema": SCHEMA_VERSION, "config": config.fingerprint(), "data": data_fingerprint}
         marker = path / "run.json"
         if marker.exists():

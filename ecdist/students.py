@@ -66,6 +66,8 @@ class StudentPack:
         self.status = np.full(len(self.ids), ACTIVE, dtype=np.int8)
         self.rel_loss = np.full(len(self.ids), np.inf)
         self.lam = np.full(len(self.ids), 1e-2)
+        self.seed = 0  # students' initialisation seed (restarts draw from it too)
+        self.restarts = np.zeros(len(self.ids), dtype=np.int64)
         self.history: list[np.ndarray] = []  # one row of rel_loss per logged step
         self.history_steps: list[int] = []
         self.steps = 0
@@ -90,18 +92,20 @@ class StudentPack:
         numbers come from its own generator seeded by (seed, id).
         """
         widths = [int(w) for w in widths]
-        rows = []
-        for sid in ids:
-            rng = np.random.default_rng([int(seed), int(sid)])
-            parts = []
-            for li, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
-                w = rng.standard_normal((o, i)) / math.sqrt(i)
-                last = li == len(widths) - 2
-                b = np.zeros(o) if last else bias_std * rng.standard_normal(o)
-                parts.append(np.hstack([w, b[:, None]]).ravel())
-            rows.append(np.concatenate(parts))
+        rows = [_init_row(widths, seed, sid, 0, bias_std) for sid in ids]
         theta = torch.as_tensor(np.stack(rows), dtype=dtype, device=device)
-        return cls(theta, widths, activation, ids)
+        pack = cls(theta, widths, activation, ids)
+        pack.seed = int(seed)
+        return pack
+
+    def restart(self, rows: np.ndarray) -> None:
+        """Re-initialise the students at ``rows`` with their next attempt's seed (seed, id, attempt)."""
+        for r in rows:
+            self.restarts[r] += 1
+            fresh = _init_row(self.widths, self.seed, int(self.ids[r]), int(self.restarts[r]), 1.0)
+            self.theta[r] = torch.as_tensor(fresh, dtype=self.theta.dtype, device=self.theta.device)
+        self.status[rows] = ACTIVE
+        self.lam[rows] = 1e-2
 
     def _layout(self) -> list[tuple[int, int, int, int]]:
         out, start = [], 0
@@ -201,7 +205,7 @@ class StudentPack:
         return torch.cat(blocks, dim=-1).reshape(k, n * o, -1), out
 
     def normal_equations(
-        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = 2**22
+        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = 2**18
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """JᵀJ (k', P, P) and Jᵀr (k', P) over all queries, r = f(X) − Y.
 
@@ -209,6 +213,8 @@ class StudentPack:
         Σ_n (σ'_j σ'_l)(AᵀA)_jl · x̃_m x̃_m', so symmetric pair products of σ' (k, h(h+1)/2, n)
         times those of x̃ (n, (d+1)(d+2)/2) give it in one GEMM shared by all students — about
         a quarter of the flops of JᵀJ. Deeper networks and the skip path use ``jacobian``.
+        Queries are summed in chunks of ``chunk_elems`` work elements *per student*, so the
+        rounding — and the training path — of a student does not depend on its pack's size.
         """
         t = self.theta if theta is None else theta
         k, P = t.shape
@@ -216,7 +222,7 @@ class StudentPack:
         JtJ = torch.zeros(k, P, P, dtype=t.dtype, device=t.device)
         g = torch.zeros(k, P, dtype=t.dtype, device=t.device)
         if self.n_layers != 2 or self.skip_path:
-            step = max(1, chunk_elems // max(1, k * P * o))
+            step = max(1, chunk_elems // (P * o))
             for s in range(0, X.shape[0], step):
                 J, out = self.jacobian(X[s : s + step], t)
                 r = (out - Y[s : s + step]).reshape(k, -1, 1)
@@ -234,7 +240,7 @@ class StudentPack:
         U = torch.zeros(k, h + 1, h + 1, dtype=t.dtype, device=t.device)  # Σ ũ ũᵀ
         gW = torch.zeros(k, h, d1, dtype=t.dtype, device=t.device)
         gA = torch.zeros(k, o, h + 1, dtype=t.dtype, device=t.device)
-        step = max(1, chunk_elems // max(1, k * (H2 + pw)))
+        step = max(1, chunk_elems // (H2 + pw))
         for s in range(0, X.shape[0], step):
             xt = torch.cat([X[s : s + step], torch.ones(min(step, X.shape[0] - s), 1, dtype=t.dtype, device=t.device)], 1)
             nc = xt.shape[0]
@@ -311,6 +317,8 @@ class StudentPack:
             "history": hist,
             "history_steps": np.asarray(self.history_steps, dtype=np.int64),
             "steps": np.asarray(self.steps),
+            "seed": np.asarray(self.seed),
+            "restarts": self.restarts,
         }
 
     @classmethod
@@ -330,7 +338,20 @@ class StudentPack:
         pack.history = list(state["history"])
         pack.history_steps = state["history_steps"].tolist()
         pack.steps = int(state["steps"])
+        pack.seed = int(state["seed"])
+        pack.restarts = state["restarts"].astype(np.int64)
         return pack
+
+
+def _init_row(widths: list[int], seed: int, sid: int, attempt: int, bias_std: float) -> np.ndarray:
+    """One student's parameters; its generator depends only on (seed, id, attempt)."""
+    rng = np.random.default_rng([int(seed), int(sid)] + ([int(attempt)] if attempt else []))
+    parts = []
+    for li, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        w = rng.standard_normal((o, i)) / math.sqrt(i)
+        b = np.zeros(o) if li == len(widths) - 2 else bias_std * rng.standard_normal(o)
+        parts.append(np.hstack([w, b[:, None]]).ravel())
+    return np.concatenate(parts)
 
 
 # ----- Levenberg–Marquardt -----------------------------------------------------------------
@@ -342,9 +363,11 @@ class LMOptions:
     tol: float = 1e-24  # relative MSE at which a student is done (float64 floor is ~1e-32)
     stall_window: int = 60  # a student that has not improved 10× in this many iterations stalls…
     stall_level: float = 1e-14  # …unless it is already below this (slow but precise is fine)
+    restarts: int = 2  # fresh starts for a student that stalls above restart_above
+    restart_above: float = 1e-6  # a stall above this relative MSE is a local minimum, not slow precision
     max_tries: int = 12  # damping increases per iteration before giving up on a step
     lam_max: float = 1e12
-    chunk_elems: int = 2**22  # per-chunk work buffer in elements (32 MB in float64: cache-friendlier)
+    chunk_elems: int = 2**18  # work elements per student per query chunk (2 MB in float64)
 
 
 def fit_lm(
@@ -361,9 +384,10 @@ def fit_lm(
     each), then solves (JᵀJ + λ·D) δ = −Jᵀr by batched Cholesky — batched ``linalg.solve``
     hangs in MKL here (calibration.md) — and accepts δ per student when its loss drops.
     """
-    n, o = X.shape[0], Y.shape[1]
     pack.rel_loss = pack.mse(X, Y).cpu().numpy()
-    _update_status(pack, opts)
+    window = [pack.rel_loss.copy()]  # losses of the last stall_window + 1 iterations
+    since = np.zeros(pack.k, dtype=np.int64)  # iteration at which each student's current start began
+    _update_status(pack, opts, window, since, 0)
     pack.record()
     start = pack.steps
     while pack.steps - start < opts.max_iter:
@@ -405,21 +429,33 @@ def fit_lm(
         pack.lam[active] = np.minimum(lam, opts.lam_max)
         pack.rel_loss[active] = new_loss
         pack.steps += 1
-        _update_status(pack, opts)
+        it = pack.steps - start
+        window = (window + [pack.rel_loss.copy()])[-opts.stall_window - 1 :]
+        _update_status(pack, opts, window, since, it)
+        stuck = np.flatnonzero(
+            (pack.status == STALLED) & (pack.rel_loss > opts.restart_above) & (pack.restarts < opts.restarts)
+        )
+        if stuck.size and it < opts.max_iter:
+            pack.restart(stuck)
+            pack.rel_loss[stuck] = pack.mse(X, Y, pack.theta[torch.as_tensor(stuck, device=pack.theta.device)]).cpu().numpy()
+            since[stuck] = it
         pack.record()
         if progress is not None:
-            progress("lm", pack.steps - start, opts.max_iter, pack.rel_loss)
+            progress("lm", it, opts.max_iter, pack.rel_loss)
     return pack
 
 
-def _update_status(pack: StudentPack, opts: LMOptions) -> None:
-    """Converged: below tol, or no progress while already precise. Stalled: no 10× gain in a window."""
+def _update_status(pack: StudentPack, opts: LMOptions, window: list[np.ndarray], since: np.ndarray, it: int) -> None:
+    """Converged: below tol, or no progress while already precise. Stalled: no 10× gain in a window.
+
+    ``window`` holds the losses of the last iterations (oldest first); ``since`` the iteration
+    at which each student's current start began, so a fresh restart is judged on its own.
+    """
     act = pack.status == ACTIVE
     pack.status[act & (pack.rel_loss <= opts.tol)] = CONVERGED
     pack.status[act & (pack.lam >= opts.lam_max) & (pack.rel_loss <= opts.stall_level)] = CONVERGED
-    if len(pack.history) > opts.stall_window:
-        past = pack.history[-opts.stall_window - 1]
-        slow = pack.rel_loss > 0.1 * past
+    if len(window) > opts.stall_window:
+        slow = (pack.rel_loss > 0.1 * window[0]) & (it - since >= opts.stall_window)
         act = pack.status == ACTIVE
         pack.status[act & slow & (pack.rel_loss <= opts.stall_level)] = CONVERGED
         pack.status[act & slow & (pack.rel_loss > opts.stall_level)] = STALLED

@@ -68,7 +68,9 @@ class Symmetry:
         """
         v = np.array(vectors, dtype=np.result_type(np.asarray(vectors).dtype, np.float32))
         m = v.shape[0]
-        a = np.zeros((m, 0), v.dtype) if outgoing is None else np.array(outgoing, dtype=v.dtype).reshape(m, -1)
+        a = np.zeros((m, 0), v.dtype) if outgoing is None else np.array(outgoing, dtype=v.dtype)
+        if a.ndim == 1:
+            a = a[:, None]
         scale = np.ones(m, v.dtype)
         if self.scaling:
             norms = np.linalg.norm(v, axis=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -90,8 +91,9 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
         state = state.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TeacherError(f"teacher file {path} does not hold a state dict of tensors")
-    mats = [(k, v) for k, v in state.items() if v.ndim == 2]
-    vecs = [(k, v) for k, v in state.items() if v.ndim == 1]
+    items = sorted(state.items(), key=lambda kv: _natural(kv[0]))  # layers.10 after layers.2
+    mats = [(k, v) for k, v in items if v.ndim == 2]
+    vecs = [(k, v) for k, v in items if v.ndim == 1]
     expected = list(zip(widths[:-1], widths[1:]))
     if len(mats) != len(expected) or len(vecs) != len(expected):
         raise TeacherError(
@@ -107,6 +109,11 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
     return from_layers(
         [w.double().numpy() for _, w in mats], [b.double().numpy() for _, b in vecs], activation
     )
+
+
+def _natural(key: str) -> list:
+    """Sort key that orders numbered parts by number ("layers.2" before "layers.10")."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key)]
 
 
 def from_spec(spec: str) -> Callable[[np.ndarray], Any]:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,9 +146,9 @@ def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -
         )
     if not np.isfinite(vectors).all():
         raise ConfigError("vectors: contain NaN or infinite values; the students diverged or the input is corrupt")
-    if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+    if not (_real(gamma) and 0 < gamma <= 1):
         raise ConfigError(f"gamma: must be in (0, 1], got {gamma!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta <= math.pi / 2):
+    if not (_real(beta) and 0 < beta <= math.pi / 2):
         raise ConfigError(f"beta: must be an angle in radians in (0, π/2], got {beta!r}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend: unknown clustering backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -159,3 +160,7 @@ def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -
             raise ConfigError("weights: expected one finite, non-negative output contribution per row")
     if not 0 <= drop < 1:
         raise ConfigError(f"drop: must be in [0, 1), got {drop!r}")
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)

@@ -172,11 +172,15 @@ def stable_rule(
     if not tops:
         return _empty(m)
     tops_a = np.asarray(tops)
-    # a chain dies where its top merges with another big cluster (the root's chain: at the root)
-    death = np.where(parent[tops_a] >= 0, height[np.maximum(parent[tops_a], 0)], height[n_nodes - 1])
     members = np.flatnonzero(chain >= 0)
     birth = np.full(len(tops), np.inf)
     np.minimum.at(birth, chain[members], height[members])
+    # a chain dies where its top merges with another big cluster; the root's chain never does:
+    # it is one cluster when no split lies below it (lifetime ∞), else it is the union of others
+    root = n_nodes - 1
+    death = np.where(parent[tops_a] >= 0, height[np.maximum(parent[tops_a], 0)], np.inf)
+    if split[m:][chain[m:] == chain[root]].any():
+        death[chain[root]] = birth[chain[root]]
     # a height floor at rounding level keeps identical copies (height 0) comparable
     floor = 64 * np.finfo(np.float64).eps * max(float(np.median(np.linalg.norm(vectors, axis=1))), 1e-300)
     life = (death + floor) / (birth + floor)
@@ -187,10 +191,7 @@ def stable_rule(
         top = tops[c]
         if blocked[top]:
             continue
-        core = top  # the highest node of the chain at or below the middle of its lifetime
-        while height[core] > middle[c]:
-            kids = (left[core - m], right[core - m])
-            core = kids[0] if chain[kids[0]] == c else kids[1]
+        core = top if np.isinf(death[c]) else _core(Z, chain, c, top, middle[c], height, m)
         rows = _leaves(Z, core, m)
         med = median_cos_distance(vectors, rows)
         if med > max_cos_dist:
@@ -210,6 +211,15 @@ def stable_rule(
             if x >= m:
                 below.extend((left[x - m], right[x - m]))
     return _result(m, kept, heights, lives, meds, np.nan)
+
+
+def _core(Z: np.ndarray, chain: np.ndarray, c: int, top: int, middle: float, height: np.ndarray, m: int) -> int:
+    """The highest node of chain ``c`` at or below the middle of its lifetime (its members)."""
+    core = top
+    while height[core] > middle:
+        kids = (int(Z[core - m, 0]), int(Z[core - m, 1]))
+        core = kids[0] if chain[kids[0]] == c else kids[1]
+    return core
 
 
 def _empty(m: int) -> RuleResult:

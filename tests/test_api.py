@@ -1,0 +1,242 @@
+"""The public API contract of shared/DESIGN.md: names, meanings, and an end-to-end recovery."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ecdist
+
+D_IN = 10
+
+
+def teacher():
+    return ecdist.teachers.random_mlp([D_IN, 2, 1], activation="tanh", seed=0)
+
+
+def queries():
+    return ecdist.queries.gaussian(500, D_IN, seed=1)
+
+
+def config(**changes):
+    # threads=1: the test machine's two cores are shared; one thread is also fastest at this size
+    return ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0, threads=1).replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return ecdist.recover(teacher(), queries(), config())
+
+
+def fresh():
+    return ecdist.queries.gaussian(2000, D_IN, seed=2)
+
+
+# ----- names ------------------------------------------------------------------------------------------
+def test_public_names_exist():
+    for name in ["teachers", "queries", "cluster", "Config", "recover", "Recovery", "load", "compare",
+                 "EcdistError", "ConfigError", "TeacherError", "QueryError", "RunFolderError"]:
+        assert hasattr(ecdist, name), name
+    assert callable(ecdist.teachers.random_mlp) and callable(ecdist.teachers.load)
+    assert callable(ecdist.queries.gaussian) and callable(ecdist.cluster.cluster_neurons)
+    assert callable(ecdist.recover) and callable(ecdist.load) and callable(ecdist.compare)
+    for err in ["ConfigError", "TeacherError", "QueryError", "RunFolderError"]:
+        assert issubclass(getattr(ecdist, err), ecdist.EcdistError)
+
+
+def test_config_fields_named_in_the_contract():
+    names = {f.name for f in dataclasses.fields(ecdist.Config)}
+    assert {"activation", "student_widths", "n_students", "gamma", "beta", "seed", "dtype", "backend",
+            "cluster_backend"} <= names
+    c = ecdist.Config(activation="tanh", student_widths=[32], n_students=20, seed=0)
+    assert isinstance(c.student_widths, list) and c.beta == pytest.approx(math.pi / 3)  # radians
+    assert c.backend == "auto" and c.cluster_backend == "auto"
+    with pytest.raises(ecdist.ConfigError, match="n_students"):
+        ecdist.Config(activation="tanh", student_widths=[32], n_students=0)
+
+
+def test_teacher_and_queries_types():
+    t = ecdist.teachers.random_mlp([20, 8, 1], activation="tanh", seed=0)
+    assert isinstance(t, nn.Module)
+    assert all(p.dtype == torch.float64 for p in t.parameters())
+    X = ecdist.queries.gaussian(4000, 20, seed=1)
+    assert isinstance(X, np.ndarray) and X.shape == (4000, 20) and X.dtype == np.float64
+
+
+# ----- recover and compare ------------------------------------------------------------------------------
+def test_recover_finds_the_teacher(result):
+    assert isinstance(result, ecdist.Recovery)
+    assert result.layer_sizes == [2]
+    assert isinstance(result.network, nn.Module)
+    report = ecdist.compare(result.network, teacher(), activation="tanh", X=fresh())
+    assert report.layer_sizes == [2] and report.teacher_sizes == [2]
+    assert len(report.max_weight_distance) == 1 and report.max_weight_distance[0] < 1e-6
+    assert report.functional_mse < 1e-12
+    # the recovered network, called like the teacher, gives the teacher's outputs
+    X = fresh()
+    with torch.no_grad():
+        y_rec = result.network(torch.as_tensor(X)).numpy()
+    y_t = teacher().predict(X)
+    assert np.abs(y_rec - y_t).max() < 1e-6 * np.abs(y_t).max()
+
+
+def test_recovered_neurons_are_the_teachers_up_to_sign_and_order(result):
+    """1 − |cos| of each teacher [w; b] to the nearest recovered one, computed here from the weights."""
+    t = teacher()
+    T = np.hstack([t.layers[0].weight.detach().numpy(), t.layers[0].bias.detach().numpy()[:, None]])
+    lin = [m for m in result.network.modules() if isinstance(m, nn.Linear)][0]
+    R = np.hstack([lin.weight.detach().double().numpy(), lin.bias.detach().double().numpy()[:, None]])
+    cos = (T / np.linalg.norm(T, axis=1, keepdims=True)) @ (R / np.linalg.norm(R, axis=1, keepdims=True)).T
+    assert np.all(1 - np.abs(cos).max(axis=1) < 1e-6)
+
+
+def test_recover_is_reproducible(result):
+    again = ecdist.recover(teacher(), queries(), config())
+    a, b = result.network.state_dict(), again.network.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert again.students.equals(result.students)
+
+
+def test_black_box_numpy_teacher():
+    t = teacher()
+    W1, b1 = t.layers[0].weight.detach().numpy(), t.layers[0].bias.detach().numpy()
+    W2, b2 = t.layers[1].weight.detach().numpy(), t.layers[1].bias.detach().numpy()
+
+    def black_box(X: np.ndarray) -> np.ndarray:
+        return (np.tanh(X @ W1.T + b1) @ W2.T + b2)[:, 0]  # numpy in, (n,) out
+
+    res = ecdist.recover(black_box, queries(), config())
+    assert res.layer_sizes == [2]
+    report = ecdist.compare(res.network, black_box, activation="tanh", X=fresh())
+    assert report.teacher_sizes is None and report.max_weight_distance is None
+    assert report.layer_sizes == [2] and report.functional_mse < 1e-12
+    assert ecdist.compare(res.network, t, activation="tanh", X=fresh()).max_weight_distance[0] < 1e-6
+
+
+def test_save_and_load_round_trip(result, tmp_path):
+    result.save(tmp_path / "out")
+    back = ecdist.load(tmp_path / "out")
+    assert back.layer_sizes == result.layer_sizes
+    X = fresh()
+    np.testing.assert_array_equal(back.network.predict(X), result.network.predict(X))
+
+
+# ----- compare on constructed networks -------------------------------------------------------------------
+def _layers(t):
+    return [l.weight.detach().numpy() for l in t.layers], [l.bias.detach().numpy() for l in t.layers]
+
+
+def test_compare_a_teacher_with_itself_and_a_sign_flipped_copy():
+    t = ecdist.teachers.random_mlp([5, 3, 1], "tanh", seed=4)
+    report = ecdist.compare(t, t, "tanh")
+    assert report.layer_sizes == [3] and report.max_weight_distance[0] < 1e-15 and report.functional_mse == 0.0
+    assert report.n_test == 2000  # the default fresh inputs
+    (W1, W2), (b1, b2) = _layers(t)
+    flip = np.array([1.0, -1.0, -1.0])  # tanh is odd: flipping a neuron and its outgoing weight is the same net
+    perm = [2, 0, 1]
+    same = ecdist.teachers.from_layers([(W1 * flip[:, None])[perm], (W2 * flip)[:, perm]],
+                                       [(b1 * flip)[perm], b2], "tanh")
+    report = ecdist.compare(same, t, "tanh", X=ecdist.queries.gaussian(500, 5, seed=1))
+    assert report.max_weight_distance[0] < 1e-15 and report.functional_mse < 1e-28
+
+
+def test_compare_detects_a_missing_neuron():
+    t = ecdist.teachers.random_mlp([5, 3, 1], "tanh", seed=4)
+    (W1, W2), (b1, b2) = _layers(t)
+    partial = ecdist.teachers.from_layers([W1[:2], W2[:, :2]], [b1[:2], b2], "tanh")
+    report = ecdist.compare(partial, t, "tanh", X=ecdist.queries.gaussian(500, 5, seed=1))
+    assert report.layer_sizes == [2] and report.teacher_sizes == [3]
+    assert report.max_weight_distance[0] > 1e-3
+    T = np.hstack([W1, b1[:, None]])
+    cos = T[2] @ T[:2].T / (np.linalg.norm(T[2]) * np.linalg.norm(T[:2], axis=1))
+    assert report.max_weight_distance[0] == pytest.approx(1 - np.abs(cos).max(), rel=1e-9)
+    var = t.predict(ecdist.queries.gaussian(500, 5, seed=1)).var()
+    diff = partial.predict(ecdist.queries.gaussian(500, 5, seed=1)) - t.predict(ecdist.queries.gaussian(500, 5, seed=1))
+    assert report.functional_mse == pytest.approx((diff ** 2).mean() / var, rel=1e-9)
+
+
+def test_compare_wrong_input_dimension():
+    t = ecdist.teachers.random_mlp([5, 3, 1], "tanh", seed=4)
+    with pytest.raises(ecdist.TeacherError, match="inputs"):
+        ecdist.compare(t, t, "tanh", X=ecdist.queries.gaussian(10, 4, seed=0))
+
+
+# ----- errors before training ------------------------------------------------------------------------------
+BAD_TEACHERS = {
+    "too few rows": (lambda X: np.zeros(len(X) - 1), "answered"),
+    "too many rows": (lambda X: np.zeros((len(X) + 3, 1)), "answered"),
+    "NaN": (lambda X: np.where(np.arange(len(X)) == 4, np.nan, X[:, 0]), r"NaN.*\[4\]"),
+    "inf": (lambda X: np.where(np.arange(len(X)) >= 498, np.inf, X[:, 0]), r"infinite.*\[498, 499\]"),
+    "constant": (lambda X: np.ones(len(X)), "constant"),
+    "raises": (lambda X: 1 / 0, "ZeroDivisionError"),
+    "wrong d_in module": (ecdist.teachers.random_mlp([3, 2, 1], "tanh"), "RuntimeError"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEACHERS))
+def test_bad_teacher_fails_before_training(case, tmp_path):
+    bad, match = BAD_TEACHERS[case]
+    events = []
+    with pytest.raises(ecdist.TeacherError, match=match):
+        ecdist.recover(bad, queries(), config(), out=tmp_path / "run", progress=lambda e, i: events.append(e))
+    assert events == []  # not even the query report: nothing ran
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "X", [np.zeros((0, D_IN)), np.ones(D_IN), np.full((5, D_IN), np.nan)], ids=["empty", "1-D", "NaN"]
+)
+def test_bad_queries_fail_before_the_teacher_is_called(X):
+    calls = []
+    with pytest.raises(ecdist.QueryError):
+        ecdist.recover(lambda x: calls.append(1) or x[:, 0], X, config())
+    assert calls == []
+
+
+def test_recover_needs_a_config():
+    with pytest.raises(ecdist.ConfigError, match="config"):
+        ecdist.recover(teacher(), queries(), {"activation": "tanh", "student_widths": [8]})
+
+
+# ----- cluster_neurons --------------------------------------------------------------------------------------
+def synthetic_layer(n_students=10, seed=0):
+    """3 'teacher' vectors recurring in every student (tiny noise, shuffled order) + 3 debris rows each."""
+    rng = np.random.default_rng(seed)
+    T = rng.standard_normal((3, 6))
+    vecs, sids, truth = [], [], []
+    for s in range(n_students):
+        order = rng.permutation(3)
+        vecs += [T[order] + 1e-9 * rng.standard_normal((3, 6)), rng.standard_normal((3, 6))]
+        sids += [s] * 6
+        truth += list(order) + [-1] * 3
+    return np.vstack(vecs), np.array(sids), np.array(truth)
+
+
+@pytest.mark.parametrize("backend", ["auto", "scipy"])
+def test_cluster_neurons_contract(backend):
+    vectors, sids, truth = synthetic_layer()
+    labels = ecdist.cluster.cluster_neurons(vectors, sids, gamma=0.5, beta=math.pi / 3, backend=backend)
+    assert labels.shape == (len(vectors),)
+    kept = sorted(set(labels.tolist()) - {-1})
+    assert len(kept) == 3
+    for k in range(3):  # each teacher neuron's copies form exactly one cluster
+        assert len(set(labels[truth == k].tolist())) == 1 and labels[truth == k][0] != -1
+    assert np.all(labels[truth == -1] == -1)  # debris belongs to no kept cluster
+
+
+def test_cluster_neurons_gamma_is_a_student_count():
+    vectors, sids, truth = synthetic_layer(n_students=10)
+    keep = ~((truth == 0) & (sids >= 4))  # teacher neuron 0 appears in only 4 of 10 students
+    labels = ecdist.cluster.cluster_neurons(vectors[keep], sids[keep], gamma=0.5, beta=math.pi / 3, backend="scipy")
+    assert np.all(labels[truth[keep] == 0] == -1)  # 4 < ⌊0.5·10⌋ students: not kept
+    assert len(set(labels.tolist()) - {-1}) == 2
+
+
+
+

@@ -1,0 +1,376 @@
+"""Result folders (Recovery.save / ecdist.load), run folders (out=, resume=) and recluster."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import ecdist
+from ecdist import ConfigError, QueryError, RunFolderError
+from ecdist.queries import Standardizer
+from ecdist.students import StudentPack
+
+RESULT_FILES = [
+    "config.json", "report.json", "network.json", "network.safetensors", "students.parquet",
+    "history.parquet", "layer_1_neurons.parquet", "layer_1_clusters.parquet",
+]
+
+
+def teacher():
+    return ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=0)
+
+
+def queries():
+    return ecdist.queries.gaussian(500, 10, seed=1)
+
+
+def config(**changes):
+    # threads=1: the test machine's two cores are shared; one thread is also fastest at this size
+    return ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0, threads=1).replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One finished run folder and its result (reused read-only; tests that change a folder copy it)."""
+    folder = tmp_path_factory.mktemp("storage") / "run"
+    result = ecdist.recover(teacher(), queries(), config(), out=folder)
+    return folder, result
+
+
+def copy_run(run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run[0], dst)
+    return dst
+
+
+def state(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def assert_same_network(a, b):
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def record(events: list):
+    """A progress callback that keeps every (event, info) it is given."""
+    return lambda event, info: events.append((event, info))
+
+
+def checkpoint(folder: Path) -> Path:
+    return folder / "checkpoints" / "pack_0000.npz"
+
+
+# ----- the recovery itself (a sanity check that the fixture is a real result) --------------------------
+def test_fixture_run_recovered_the_teacher(run):
+    _, result = run
+    assert result.layer_sizes == [2]
+    rep = ecdist.compare(result.network, teacher(), "tanh", X=ecdist.queries.gaussian(1000, 10, seed=2))
+    assert rep.max_weight_distance[0] < 1e-6
+
+
+# ----- result folders ------------------------------------------------------------------------------------
+def test_save_and_load_round_trip(run, tmp_path):
+    _, result = run
+    X_test = ecdist.queries.gaussian(800, 10, seed=3)
+    with_cmp = dataclasses.replace(result)
+    with_cmp.comparison = ecdist.compare(with_cmp.network, teacher(), "tanh", X=X_test)
+    out = with_cmp.save(tmp_path / "res")
+    assert Path(out) == tmp_path / "res"
+    assert sorted(p.name for p in out.iterdir()) == sorted(RESULT_FILES)
+
+    back = ecdist.load(tmp_path / "res")
+    assert isinstance(back, ecdist.Recovery)
+    assert back.layer_sizes == result.layer_sizes == [2]
+    assert back.config == result.config
+    assert back.final_rel_mse == result.final_rel_mse
+    assert back.plan == result.plan
+    assert back.timings == result.timings
+    assert_same_network(back.network, result.network)
+    np.testing.assert_array_equal(back.network.predict(X_test), result.network.predict(X_test))
+    assert back.network.widths == result.network.widths and back.network.activation == "tanh"
+    assert back.students.equals(result.students)
+    assert back.students.column_names == ["student", "pack", "rel_loss", "status", "steps"]
+    np.testing.assert_array_equal(back.history, result.history)
+    np.testing.assert_array_equal(back.history_steps, result.history_steps)
+    assert back.history.shape == (len(result.history_steps), 8)
+    assert len(back.layers) == 1 and back.layers[0].width == 2 and back.layers[0].index == 1
+    assert back.layers[0].neurons.equals(result.layers[0].neurons)
+    assert back.layers[0].clusters.equals(result.layers[0].clusters)
+    assert back.comparison == with_cmp.comparison
+    assert back.comparison.max_weight_distance[0] < 1e-6 and back.comparison.teacher_sizes == [2]
+
+
+def test_saved_files_are_plain_json_and_parquet(run, tmp_path):
+    _, result = run
+    out = result.save(tmp_path / "res")
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == 1 and report["layer_sizes"] == [2]
+    assert report["comparison"] is None  # none was computed
+    network = json.loads((out / "network.json").read_text())
+    assert network == {"widths": [10, 2, 1], "activation": "tanh", "affine": False}
+    assert ecdist.Config.from_json((out / "config.json").read_text()) == result.config
+    students = pq.read_table(out / "students.parquet")
+    assert students.num_rows == 8 and sorted(students.column("student").to_pylist()) == list(range(8))
+    assert set(students.column("status").to_pylist()) <= {"converged", "stalled", "active"}
+    hist = pq.read_table(out / "history.parquet")
+    assert hist.column_names == ["step", "student", "rel_loss"] and hist.num_rows == result.history.size
+    neurons = pq.read_table(out / "layer_1_neurons.parquet")
+    assert neurons.num_rows == 8 * 8  # every student neuron
+    assert {"student", "cluster", "dropped", "contribution", "vector"} <= set(neurons.column_names)
+    clusters = pq.read_table(out / "layer_1_clusters.parquet")
+    kept = [n for n in clusters.column("neuron").to_pylist() if n >= 0]
+    assert sorted(kept) == [0, 1]
+
+
+def test_load_a_missing_folder(tmp_path):
+    with pytest.raises(RunFolderError, match="does not exist"):
+        ecdist.load(tmp_path / "nothing-here")
+
+
+def _truncate(p: Path) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _edit_json(**changes):
+    return lambda p: p.write_text(json.dumps(json.loads(p.read_text()) | changes))
+
+
+BREAKAGES = {
+    "report.json missing": ("report.json", lambda p: p.unlink()),
+    "report.json corrupt": ("report.json", _truncate),
+    "report.json other schema": ("report.json", _edit_json(schema=99)),
+    "config.json missing": ("config.json", lambda p: p.unlink()),
+    "config.json corrupt": ("config.json", _truncate),
+    "config.json bad value": ("config.json", _edit_json(gamma=3)),
+    "network.json missing": ("network.json", lambda p: p.unlink()),
+    "network.json corrupt": ("network.json", _truncate),
+    "network.safetensors missing": ("network.safetensors", lambda p: p.unlink()),
+    "students.parquet missing": ("students.parquet", lambda p: p.unlink()),
+    "students.parquet corrupt": ("students.parquet", _truncate),
+    "history.parquet corrupt": ("history.parquet", _truncate),
+    "layer_1_neurons.parquet missing": ("layer_1_neurons.parquet", lambda p: p.unlink()),
+    "layer_1_clusters.parquet corrupt": ("layer_1_clusters.parquet", _truncate),
+}
+
+
+@pytest.mark.parametrize("case", list(BREAKAGES))
+def test_load_a_broken_folder_names_the_file(run, tmp_path, case):
+    name, breakage = BREAKAGES[case]
+    out = run[1].save(tmp_path / "res")
+    breakage(out / name)
+    with pytest.raises(RunFolderError, match=name.replace(".", r"\.")):
+        ecdist.load(out)
+
+
+def test_load_a_network_of_the_wrong_shape(run, tmp_path):
+    out = run[1].save(tmp_path / "res")
+    (out / "network.json").write_text(json.dumps({"widths": [10, 3, 1], "activation": "tanh", "affine": False}))
+    with pytest.raises(RunFolderError, match="network"):
+        ecdist.load(out)
+
+
+def test_load_corrupt_safetensors_names_the_file(run, tmp_path):
+    out = run[1].save(tmp_path / "res")
+    _truncate(out / "network.safetensors")
+    with pytest.raises(RunFolderError) as info:
+        ecdist.load(out)
+    assert "network.safetensors" in str(info.value)
+
+
+def test_load_config_missing_a_field(run, tmp_path):
+    out = run[1].save(tmp_path / "res")
+    data = json.loads((out / "config.json").read_text())
+    del data["activation"]
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(RunFolderError, match="config.json"):
+        ecdist.load(out)
+
+
+# ----- run folders --------------------------------------------------------------------------------------
+def test_run_folder_contents(run):
+    folder, result = run
+    ident = json.loads((folder / "run.json").read_text())
+    assert ident["config"] == config().fingerprint()
+    assert ident["data"] == result.plan["data_fingerprint"]
+    assert ecdist.Config.from_json((folder / "config.json").read_text()) == config()
+    for name in RESULT_FILES:
+        assert (folder / name).is_file(), name
+    assert_same_network(ecdist.load(folder).network, result.network)  # a run folder is a result folder
+    # the pack checkpoint is a plain .npz holding the finished students
+    with np.load(checkpoint(folder), allow_pickle=False) as z:
+        ck = {k: z[k] for k in z.files}
+    assert bool(ck["done"]) and str(ck["phase"]) == "done"
+    assert ck["ids"].tolist() == list(range(8)) and int(ck["steps"]) == result.students.column("steps")[0].as_py()
+    pack = StudentPack.from_state(ck, "tanh")
+    X, Y = queries(), ecdist.teachers.query(teacher(), queries())
+    Xs = torch.as_tensor(Standardizer.fit(X)(X))
+    Ys = torch.as_tensor(Standardizer.fit(Y)(Y))
+    # the students in the checkpoint really have the losses the result reports (relative MSE)
+    np.testing.assert_allclose(
+        pack.mse(Xs, Ys).numpy(), np.asarray(result.students.column("rel_loss")), rtol=1e-6, atol=1e-30
+    )
+
+
+def test_running_again_without_resume_is_refused(run):
+    folder, _ = run
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(RunFolderError, match="resume"):
+        ecdist.recover(teacher(), queries(), config(), out=folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_resume_with_a_different_config_is_refused(run, tmp_path):
+    folder = copy_run(run, tmp_path)
+    with pytest.raises(RunFolderError, match="config"):
+        ecdist.recover(teacher(), queries(), config(seed=1), out=folder, resume=True)
+
+
+def test_resume_with_different_queries_is_refused(run, tmp_path):
+    folder = copy_run(run, tmp_path)
+    with pytest.raises(RunFolderError, match="queries"):
+        ecdist.recover(teacher(), ecdist.queries.gaussian(500, 10, seed=9), config(), out=folder, resume=True)
+
+
+def test_a_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(RunFolderError, match="not an ecdist run folder"):
+        ecdist.recover(teacher(), queries(), config(), out=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "mine" / "run.json").exists()
+
+
+def test_a_corrupt_run_json_is_refused_on_resume(run, tmp_path):
+    folder = copy_run(run, tmp_path)
+    (folder / "run.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match="run.json"):
+        ecdist.recover(teacher(), queries(), config(), out=folder, resume=True)
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunFolderError):
+        ecdist.recover(teacher(), queries(), config(), out=tmp_path / "afile")
+
+
+def test_resume_reuses_the_finished_checkpoint(run, tmp_path):
+    folder = copy_run(run, tmp_path)
+    ck = checkpoint(folder)
+    mtime, data = ck.stat().st_mtime_ns, ck.read_bytes()
+    events = []
+    again = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
+    train = [i for e, i in events if e == "train"]
+    assert train == [{"pack": 0, "resumed": True, "done": True}]  # no training step at all
+    assert ck.stat().st_mtime_ns == mtime and ck.read_bytes() == data
+    original = run[1]
+    assert again.layer_sizes == original.layer_sizes
+    assert_same_network(again.network, original.network)
+    assert again.students.equals(original.students)  # same losses, statuses and step counts
+    np.testing.assert_array_equal(again.history, original.history)
+    assert_same_network(ecdist.load(folder).network, original.network)
+
+
+def test_a_truncated_checkpoint_is_retrained(run, tmp_path, caplog):
+    folder = copy_run(run, tmp_path)
+    ck = checkpoint(folder)
+    _truncate(ck)
+    events = []
+    with caplog.at_level(logging.WARNING, logger="ecdist.storage"):
+        again = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    steps = [i["step"] for e, i in events if e == "train" and "step" in i]
+    original = run[1]
+    assert steps == list(range(1, original.students.column("steps")[0].as_py() + 1))  # trained from scratch
+    assert again.layer_sizes == original.layer_sizes
+    assert_same_network(again.network, original.network)  # the same students, trained again
+    assert again.students.equals(original.students)
+    with np.load(ck, allow_pickle=False) as z:  # a whole checkpoint again
+        assert bool(z["done"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_continues_a_killed_run(tmp_path):
+    folder = tmp_path / "run"
+
+    def kill_at_13(event, info):
+        if event == "train" and info.get("step") == 13:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        ecdist.recover(teacher(), queries(), config(), out=folder, progress=kill_at_13)
+    with np.load(checkpoint(folder), allow_pickle=False) as z:
+        assert int(z["steps"]) == 10 and "done" not in z.files  # the last periodic checkpoint
+    assert not (folder / "report.json").exists()
+
+    events = []
+    result = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
+    steps = [i["step"] for e, i in events if e == "train" and "step" in i]
+    total = result.students.column("steps")[0].as_py()
+    assert steps[0] == 1 and len(steps) == total - 10  # picked up at step 10, not from scratch
+    assert result.layer_sizes == [2]
+    rep = ecdist.compare(result.network, teacher(), "tanh", X=ecdist.queries.gaussian(1000, 10, seed=2))
+    assert rep.max_weight_distance[0] < 1e-6
+    assert ecdist.load(folder).layer_sizes == [2]
+
+
+def test_resume_in_a_new_folder_just_runs(tmp_path, run):
+    result = ecdist.recover(teacher(), queries(), config(), out=tmp_path / "fresh", resume=True)
+    assert (tmp_path / "fresh" / "run.json").is_file()
+    assert_same_network(result.network, run[1].network)
+
+
+# ----- recluster ------------------------------------------------------------------------------------------
+def test_recluster_with_the_reference_rule(run):
+    _, result = run
+    again = ecdist.recluster(result, teacher(), queries(), cluster_rule="reference")
+    assert again.config == result.config.replace(cluster_rule="reference")
+    assert result.config.cluster_rule == "stable"  # the original is untouched
+    assert again.layer_sizes == [2]
+    assert again.students is result.students  # no retraining
+    assert again.comparison is None
+    clustering = again.layers[0].clustering
+    assert clustering.rule == "reference" and np.isfinite(clustering.cut_height)
+    rep = ecdist.compare(again.network, teacher(), "tanh", X=ecdist.queries.gaussian(1000, 10, seed=2))
+    assert rep.max_weight_distance[0] < 1e-6 and rep.functional_mse < 1e-12
+
+
+def test_recluster_a_loaded_result(run):
+    folder, result = run
+    from_disk = ecdist.recluster(ecdist.load(folder), teacher(), queries(), gamma=0.75)
+    in_memory = ecdist.recluster(result, teacher(), queries(), gamma=0.75)
+    assert from_disk.layer_sizes == in_memory.layer_sizes == [2]
+    assert_same_network(from_disk.network, in_memory.network)
+
+
+@pytest.mark.parametrize("change", [{"n_students": 9}, {"seed": 1}, {"student_widths": [6]}, {"activation": "relu"}])
+def test_recluster_refuses_changes_that_need_training(run, change):
+    (name,) = change
+    with pytest.raises(ConfigError, match=name):
+        ecdist.recluster(run[1], teacher(), queries(), **change)
+
+
+def test_recluster_validates_its_changes(run):
+    with pytest.raises(ConfigError, match="^gamma:"):
+        ecdist.recluster(run[1], teacher(), queries(), gamma=2.0)
+
+
+def test_recluster_refuses_other_queries_or_teacher(run):
+    with pytest.raises(QueryError, match="not the ones"):
+        ecdist.recluster(run[1], teacher(), ecdist.queries.gaussian(500, 10, seed=2))
+    other = ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=1)
+    with pytest.raises(QueryError, match="not the ones"):
+        ecdist.recluster(run[1], other, queries())

@@ -1,0 +1,362 @@
+"""StudentPack: closed-form Jacobian and normal equations against autograd, pack-split-independent
+initialisation, Levenberg–Marquardt and Adam training, checkpoint state, and neuron read-out."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ecdist
+from ecdist.queries import Standardizer
+from ecdist.students import (
+    ACTIVE,
+    CONVERGED,
+    AdamOptions,
+    LMOptions,
+    StudentPack,
+    fit_adam,
+    fit_lm,
+    n_params,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine has two shared cores: one torch thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_pack(widths, activation, k=3, seed=0, skip=False, scale=1.0):
+    """A pack with arbitrary (not initialised-by-init) parameters, so every code path sees O(1) values."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = scale * torch.randn(k, n_params(widths, skip), generator=gen, dtype=torch.float64)
+    return StudentPack(theta, widths, activation, ids=list(range(10, 10 + k)), skip=skip)
+
+
+def random_X(n, d, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64)
+
+
+def autograd_jacobian(pack: StudentPack, X: torch.Tensor) -> torch.Tensor:
+    """(k, n·d_out, P) from torch.autograd of ``forward``: each student's own diagonal block."""
+    theta = pack.theta.clone()
+    J = torch.autograd.functional.jacobian(lambda t: pack.forward(X, t), theta)  # (k, n, o, k, P)
+    k, n, o = J.shape[:3]
+    diag = torch.stack([J[s, :, :, s, :] for s in range(k)])  # (k, n, o, P)
+    return diag.reshape(k, n * o, -1)
+
+
+# ----- n_params ---------------------------------------------------------------------------------
+def test_n_params_counts_weights_biases_and_skip():
+    # [3, 4, 2]: hidden 4·(3+1) = 16, output 2·(4+1) = 10; skip adds 2·3
+    assert n_params([3, 4, 2]) == 26
+    assert n_params([3, 4, 2], skip=True) == 32
+    # two hidden layers [2, 3, 5, 1]: 3·3 + 5·4 + 1·6
+    assert n_params([2, 3, 5, 1]) == 9 + 20 + 6
+
+
+def test_pack_rejects_theta_of_wrong_shape():
+    with pytest.raises(ValueError, match="theta has shape"):
+        StudentPack(torch.zeros(2, 5, dtype=torch.float64), [3, 4, 1], "tanh", ids=[0, 1])
+
+
+# ----- Jacobian -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus", "gelu", "silu", "relu", "leaky_relu", "g"])
+@pytest.mark.parametrize("widths", [[3, 4, 1], [3, 4, 3], [2, 3, 4, 1], [2, 3, 4, 3]], ids=str)
+def test_jacobian_matches_autograd(activation, widths):
+    pack = random_pack(widths, activation, k=3)
+    X = random_X(7, widths[0])
+    J, out = pack.jacobian(X)
+    assert J.shape == (3, 7 * widths[-1], pack.n_params)
+    torch.testing.assert_close(out, pack.forward(X), rtol=0, atol=0)
+    torch.testing.assert_close(J, autograd_jacobian(pack, X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["softplus", "relu", "tanh"])
+@pytest.mark.parametrize("widths", [[3, 4, 1], [3, 4, 2], [2, 3, 4, 2]], ids=str)
+def test_jacobian_with_skip_path_matches_autograd(activation, widths):
+    pack = random_pack(widths, activation, k=2, skip=True)
+    X = random_X(6, widths[0])
+    # the skip path really contributes to the output (so its Jacobian columns are exercised)
+    no_skip = StudentPack(pack.theta[:, : n_params(widths)].clone(), widths, activation, ids=pack.ids)
+    assert not torch.allclose(pack.forward(X), no_skip.forward(X))
+    J, _ = pack.jacobian(X)
+    torch.testing.assert_close(J, autograd_jacobian(pack, X), rtol=1e-12, atol=1e-12)
+
+
+def test_jacobian_of_a_subset_theta():
+    pack = random_pack([3, 4, 2], "tanh", k=4)
+    X = random_X(5, 3)
+    sub = pack.theta[[1, 3]]
+    J_sub, out_sub = pack.jacobian(X, sub)
+    J_all, out_all = pack.jacobian(X)
+    torch.testing.assert_close(J_sub, J_all[[1, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(out_sub, out_all[[1, 3]], rtol=0, atol=0)
+
+
+# ----- normal equations ---------------------------------------------------------------------------
+def reference_normal_equations(pack, X, Y, theta=None):
+    J, out = pack.jacobian(X, theta)
+    r = (out - Y).reshape(J.shape[0], -1, 1)
+    return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r).squeeze(-1)
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-12) -> None:
+    err = (a - b).abs().max().item()
+    assert err <= rel * b.abs().max().item(), f"max abs error {err:.3e} vs scale {b.abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus", "gelu", "relu", "leaky_relu", "g"])
+@pytest.mark.parametrize("d_out", [1, 3])
+def test_normal_equations_fast_path_equals_JtJ(activation, d_out):
+    widths = [3, 4, d_out]
+    pack = random_pack(widths, activation, k=3, seed=2)
+    X = random_X(50, 3, seed=3)
+    Y = random_X(50, d_out, seed=4)
+    JtJ, g = pack.normal_equations(X, Y)
+    ref_JtJ, ref_g = reference_normal_equations(pack, X, Y)
+    assert JtJ.shape == (3, pack.n_params, pack.n_params) and g.shape == (3, pack.n_params)
+    assert_rel_close(JtJ, ref_JtJ)
+    assert_rel_close(g, ref_g)
+
+
+@pytest.mark.parametrize("step", [1, 7, 13, 49, 50, 1000])
+def test_normal_equations_fast_path_chunking(step):
+    """Chunks that split the 50 queries unevenly (7, 13, 49) give the same sums as one chunk."""
+    widths = [3, 4, 2]
+    k, h, d1 = 3, 4, 4
+    per_query = k * (h * (h + 1) // 2 + h * d1)  # the fast path's elements per query
+    pack = random_pack(widths, "tanh", k=k, seed=5)
+    X, Y = random_X(50, 3, seed=6), random_X(50, 2, seed=7)
+    JtJ, g = pack.normal_equations(X, Y, chunk_elems=step * per_query)
+    ref_JtJ, ref_g = reference_normal_equations(pack, X, Y)
+    assert_rel_close(JtJ, ref_JtJ)
+    assert_rel_close(g, ref_g)
+
+
+@pytest.mark.parametrize("skip,widths", [(False, [2, 3, 4, 2]), (True, [3, 4, 2])], ids=["deep", "skip"])
+@pytest.mark.parametrize("chunk_elems", [1, 500, 2**22])
+def test_normal_equations_general_path(skip, widths, chunk_elems):
+    pack = random_pack(widths, "softplus", k=2, seed=8, skip=skip)
+    X, Y = random_X(23, widths[0], seed=9), random_X(23, widths[-1], seed=10)
+    JtJ, g = pack.normal_equations(X, Y, chunk_elems=chunk_elems)
+    ref_JtJ, ref_g = reference_normal_equations(pack, X, Y)
+    assert_rel_close(JtJ, ref_JtJ)
+    assert_rel_close(g, ref_g)
+
+
+def test_normal_equations_for_a_subset_of_students():
+    pack = random_pack([3, 5, 2], "gelu", k=4, seed=11)
+    X, Y = random_X(30, 3, seed=12), random_X(30, 2, seed=13)
+    sub = pack.theta[[0, 2]]
+    JtJ, g = pack.normal_equations(X, Y, sub)
+    ref_JtJ, ref_g = reference_normal_equations(pack, X, Y, sub)
+    assert JtJ.shape[0] == 2
+    assert_rel_close(JtJ, ref_JtJ)
+    assert_rel_close(g, ref_g)
+
+
+def test_gradient_is_half_the_gradient_of_the_summed_squared_error():
+    """Jᵀr is ½ ∇_θ Σ r² — checked against autograd of the loss, independently of ``jacobian``."""
+    pack = random_pack([3, 4, 2], "tanh", k=2, seed=14)
+    X, Y = random_X(20, 3, seed=15), random_X(20, 2, seed=16)
+    theta = pack.theta.clone().requires_grad_(True)
+    ((pack.forward(X, theta) - Y) ** 2).sum().backward()
+    _, g = pack.normal_equations(X, Y)
+    assert_rel_close(g, theta.grad / 2)
+
+
+# ----- initialisation -----------------------------------------------------------------------------
+def test_init_does_not_depend_on_the_pack_split():
+    widths = [4, 6, 2]
+    whole = StudentPack.init(widths, "tanh", list(range(6)), seed=3)
+    first = StudentPack.init(widths, "tanh", [0, 1, 2], seed=3)
+    second = StudentPack.init(widths, "tanh", [3, 4, 5], seed=3)
+    assert torch.equal(whole.theta, torch.cat([first.theta, second.theta]))
+    alone = StudentPack.init(widths, "tanh", [4], seed=3)
+    assert torch.equal(alone.theta[0], whole.theta[4])
+    # students differ from one another, and the seed matters
+    assert not torch.equal(whole.theta[0], whole.theta[1])
+    assert not torch.equal(StudentPack.init(widths, "tanh", [0], seed=4).theta[0], whole.theta[0])
+
+
+def test_init_layout_and_scales():
+    widths = [50, 40, 2]
+    pack = StudentPack.init(widths, "tanh", list(range(20)), seed=0)
+    assert pack.theta.dtype == torch.float64 and pack.theta.shape == (20, n_params(widths))
+    assert torch.all(pack.bias(1) == 0)  # output bias starts at 0
+    # hidden weights N(0, 1/fan_in): variance near 1/50 over 20·40·50 entries
+    var_w = pack.weight(0).var().item()
+    assert 0.9 / 50 < var_w < 1.1 / 50
+    var_b = pack.bias(0).var().item()  # N(0, 1) hidden biases over 800 entries
+    assert 0.8 < var_b < 1.2
+    assert pack.status.tolist() == [ACTIVE] * 20 and np.all(np.isinf(pack.rel_loss))
+
+
+def test_init_float32_dtype():
+    pack = StudentPack.init([3, 4, 1], "tanh", [0, 1], seed=0, dtype=torch.float32)
+    ref = StudentPack.init([3, 4, 1], "tanh", [0, 1], seed=0)
+    assert pack.theta.dtype == torch.float32
+    torch.testing.assert_close(pack.theta.double(), ref.theta, rtol=1e-6, atol=1e-7)
+
+
+def test_layer_views_share_storage_with_theta():
+    pack = StudentPack.init([3, 4, 2], "tanh", [0, 1], seed=0)
+    assert pack.weight(0).shape == (2, 4, 3) and pack.bias(0).shape == (2, 4)
+    assert pack.weight(1).shape == (2, 2, 4) and pack.bias(1).shape == (2, 2)
+    with torch.no_grad():
+        pack.weight(0)[1, 2, 0] = 123.0
+    # the first layer is stored neuron by neuron as [w | b]: neuron 2, input 0 is column 2·4 + 0
+    assert pack.theta[1, 8].item() == 123.0
+
+
+def test_forward_matches_a_hand_written_network():
+    pack = random_pack([3, 4, 2], "tanh", k=2)
+    X = random_X(5, 3)
+    for s in range(2):
+        W1, b1 = pack.weight(0)[s], pack.bias(0)[s]
+        W2, b2 = pack.weight(1)[s], pack.bias(1)[s]
+        expected = torch.tanh(X @ W1.T + b1) @ W2.T + b2
+        torch.testing.assert_close(pack.forward(X)[s], expected, rtol=1e-14, atol=1e-14)
+
+
+# ----- training -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_problem():
+    """A teacher 5-2-1 (tanh) that students of width 4 represent exactly; standardised data."""
+    teacher = ecdist.teachers.random_mlp([5, 2, 1], "tanh", seed=0)
+    X = ecdist.queries.gaussian(500, 5, seed=1)
+    Y = ecdist.teachers.query(teacher, X)
+    Xs, Ys = Standardizer.fit(X)(X), Standardizer.fit(Y)(Y)
+    return torch.as_tensor(Xs), torch.as_tensor(Ys)
+
+
+def test_fit_lm_reaches_machine_precision(tiny_problem):
+    X, Y = tiny_problem
+    pack = StudentPack.init([5, 4, 1], "tanh", list(range(8)), seed=0)
+    start = pack.mse(X, Y).numpy()
+    events = []
+    fit_lm(pack, X, Y, LMOptions(max_iter=300), progress=lambda *a: events.append(a))
+    rel = pack.mse(X, Y).numpy()
+    np.testing.assert_allclose(pack.rel_loss, rel, rtol=1e-6, atol=1e-300)  # rel_loss is the true MSE
+    assert np.all(rel <= start)  # LM only accepts steps that lower the loss
+    assert (rel < 1e-20).sum() >= 5, rel  # most of the 8 students are exact
+    assert np.all(pack.status[rel <= 1e-24] == CONVERGED)
+    assert (pack.status == CONVERGED).sum() >= 5, pack.status
+    assert np.all(rel[pack.status == CONVERGED] < 1e-14)  # converged means precise
+    assert not np.any(pack.status == ACTIVE) or pack.steps == 300
+    # one progress event and one history row per iteration (plus the starting row)
+    assert len(events) == pack.steps and events[-1][0] == "lm"
+    assert len(pack.history) == pack.steps + 1 and pack.history_steps == list(range(pack.steps + 1))
+
+
+def test_fit_lm_is_deterministic_and_split_independent(tiny_problem):
+    X, Y = tiny_problem
+    opts = LMOptions(max_iter=5)
+    whole = fit_lm(StudentPack.init([5, 4, 1], "tanh", [0, 1, 2, 3], seed=0), X, Y, opts)
+    again = fit_lm(StudentPack.init([5, 4, 1], "tanh", [0, 1, 2, 3], seed=0), X, Y, opts)
+    assert torch.equal(whole.theta, again.theta)
+    assert np.all(whole.rel_loss < 0.9 * StudentPack.init([5, 4, 1], "tanh", [0, 1, 2, 3], seed=0).mse(X, Y).numpy())
+    half = fit_lm(StudentPack.init([5, 4, 1], "tanh", [2, 3], seed=0), X, Y, opts)
+    # each student's LM trajectory is its own: the same student follows the same path in any pack
+    # (up to rounding, since the query chunks depend on the pack size; LM amplifies it later on)
+    torch.testing.assert_close(half.theta, whole.theta[2:], rtol=1e-9, atol=1e-9)
+
+
+def test_fit_lm_skips_finished_students(tiny_problem):
+    X, Y = tiny_problem
+    pack = StudentPack.init([5, 4, 1], "tanh", [0, 1, 2], seed=0)
+    pack.status[1] = CONVERGED
+    before = pack.theta[1].clone()
+    fit_lm(pack, X, Y, LMOptions(max_iter=5))
+    assert torch.equal(pack.theta[1], before)
+    assert not torch.equal(pack.theta[0], StudentPack.init([5, 4, 1], "tanh", [0], seed=0).theta[0])
+
+
+def test_fit_adam_reduces_the_loss_and_records_history(tiny_problem):
+    X, Y = tiny_problem
+    pack = StudentPack.init([5, 4, 1], "tanh", [0, 1, 2], seed=0)
+    start = pack.mse(X, Y).numpy()
+    events = []
+    opts = AdamOptions(lr=1e-2, batch_size=64, max_epochs=40, log_every=10)
+    fit_adam(pack, X, Y, opts, seed=0, progress=lambda *a: events.append(a))
+    end = pack.mse(X, Y).numpy()
+    assert np.all(end < 0.5 * start), (start, end)
+    np.testing.assert_allclose(pack.rel_loss, end, rtol=1e-12)
+    assert pack.steps == 40
+    # logged at epochs 0, 10, 20, 30 and at the last one (39)
+    assert pack.history_steps == [1, 11, 21, 31, 40]
+    assert len(pack.history) == 5 and all(h.shape == (3,) for h in pack.history)
+    assert [e[1] for e in events] == [1, 11, 21, 31, 40] and all(e[0] == "adam" for e in events)
+    assert np.all(pack.status == ACTIVE)  # far from the tolerance
+
+
+def test_fit_adam_same_seed_same_result(tiny_problem):
+    X, Y = tiny_problem
+    opts = AdamOptions(lr=1e-2, batch_size=64, max_epochs=5)
+    a = fit_adam(StudentPack.init([5, 4, 1], "tanh", [0, 1], seed=0), X, Y, opts, seed=7)
+    b = fit_adam(StudentPack.init([5, 4, 1], "tanh", [0, 1], seed=0), X, Y, opts, seed=7)
+    c = fit_adam(StudentPack.init([5, 4, 1], "tanh", [0, 1], seed=0), X, Y, opts, seed=8)
+    assert torch.equal(a.theta, b.theta)
+    assert not torch.equal(a.theta, c.theta)  # the seed drives the minibatch order
+
+
+# ----- state ----------------------------------------------------------------------------------------
+def test_state_round_trips_exactly_through_npz(tiny_problem, tmp_path):
+    X, Y = tiny_problem
+    pack = fit_lm(StudentPack.init([5, 4, 1], "tanh", [3, 7, 9], seed=2), X, Y, LMOptions(max_iter=8))
+    path = tmp_path / "pack.npz"
+    np.savez(path, **pack.state())
+    with np.load(path, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    back = StudentPack.from_state(state, "tanh")
+    assert torch.equal(back.theta, pack.theta)
+    assert back.widths == pack.widths and back.ids.tolist() == [3, 7, 9]
+    assert back.skip_path is False
+    np.testing.assert_array_equal(back.status, pack.status)
+    np.testing.assert_array_equal(back.rel_loss, pack.rel_loss)
+    np.testing.assert_array_equal(back.lam, pack.lam)
+    np.testing.assert_array_equal(np.stack(back.history), np.stack(pack.history))
+    assert back.history_steps == pack.history_steps and back.steps == pack.steps == 8
+    torch.testing.assert_close(back.forward(X), pack.forward(X), rtol=0, atol=0)
+    # continuing from the restored state is the same as continuing the original
+    fit_lm(back, X, Y, LMOptions(max_iter=3))
+    fit_lm(pack, X, Y, LMOptions(max_iter=3))
+    assert torch.equal(back.theta, pack.theta)
+
+
+def test_state_round_trip_with_skip_path():
+    pack = random_pack([3, 4, 2], "softplus", k=2, skip=True)
+    back = StudentPack.from_state(pack.state(), "softplus")
+    assert back.skip_path is True
+    assert torch.equal(back.skip(), pack.skip())
+    X = random_X(4, 3)
+    assert torch.equal(back.forward(X), pack.forward(X))
+
+
+# ----- neurons ---------------------------------------------------------------------------------------
+def test_layer_neurons_shapes_ids_and_contributions():
+    widths = [3, 4, 2]
+    pack = StudentPack.init(widths, "tanh", [5, 8, 9], seed=1)
+    with torch.no_grad():
+        pack.weight(1)[1, :, 2] = 0.0  # student 8's neuron 2 has no outgoing weight: pure debris
+    X = random_X(40, 3)
+    rows = pack.layer_neurons(X, 0)
+    k, h, d = 3, 4, 3
+    assert rows["vectors"].shape == (k * h, d + 1)
+    assert rows["outgoing"].shape == (k * h, 2)
+    assert rows["student_ids"].tolist() == [5] * 4 + [8] * 4 + [9] * 4
+    assert rows["contribution"].shape == (k * h,) and np.all(rows["contribution"] >= 0)
+    assert rows["contribution"][4 + 2] == 0.0
+    for s in range(k):
+        W, b = pack.weight(0)[s].numpy(), pack.bias(0)[s].numpy()
+        A = pack.weight(1)[s].numpy()  # (out, h)
+        np.testing.assert_array_equal(rows["vectors"][s * h : (s + 1) * h], np.hstack([W, b[:, None]]))
+        np.testing.assert_array_equal(rows["outgoing"][s * h : (s + 1) * h], A.T)
+        act = np.tanh(X.numpy() @ W.T + b)  # (n, h)
+        expected = act.std(axis=0, ddof=1) * np.linalg.norm(A, axis=0)
+        np.testing.assert_allclose(rows["contribution"][s * h : (s + 1) * h], expected, rtol=1e-12)
