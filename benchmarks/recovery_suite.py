@@ -23,8 +23,8 @@ retraining) under the authors' rule (``cluster_rule="reference"``, β = π/6 and
 and under the stable rule without pruning, to show which rule recovers more teachers; the
 authors' rule is also run with ecdist's pruning, the counterpart of the default run.
 
-Run:   python benchmarks/recovery_suite.py             (full suite, ~40 min on 2 shared cores)
-       python benchmarks/recovery_suite.py --quick     (6 cheap teachers, ρ = 4 only, ~2 min)
+Run:   python benchmarks/recovery_suite.py             (full suite: 16–25 min on 2 shared cores)
+       python benchmarks/recovery_suite.py --quick     (6 cheap teachers, ρ = 4 only, < 1 min)
        python benchmarks/recovery_suite.py --resume    (skip the runs already in the JSON)
 Out:   benchmarks/results/recovery_suite.json (+ .png); --quick writes recovery_suite_quick.*
 The JSON is rewritten after every run, so a killed suite keeps what it finished.
@@ -32,6 +32,7 @@ The JSON is rewritten after every run, so a killed suite keeps what it finished.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -54,8 +55,8 @@ MIN_QUERIES = 1000
 N_TEST = 2000
 PAPER_RHO4 = 0.80  # arXiv v2: ρ = 4 recovers 80% of 150 toy problems
 
-# The fixed suite: 3 teachers per activation (4 for tanh and sigmoid) (identity is skipped: it has no width to recover),
-# d_in 4–32 and widths 2–16. The size of a ρ = 4 student (P₄ in the comment) sets the cost
+# The fixed suite: 3 teachers per activation, 4 for tanh and sigmoid (identity is skipped: it has
+# no width to recover), d_in 4–32 and widths 2–16. The size of a ρ = 4 student (P₄ in the comment) sets the cost
 # (∝ n·P₄² per LM iteration, n ∝ P₄): the list keeps P₄ mostly below ~450, with a few
 # larger ones (d_in 32, width 16 would be P₄ ≈ 2200 and ~30× the cost of the largest here).
 TEACHERS: list[dict[str, Any]] = [
@@ -208,6 +209,8 @@ def run_one(t: dict[str, Any], rho: int, threads: int, with_rules: bool) -> dict
         "students_best_rel_mse": float(losses.min()),
         "students_median_rel_mse": float(np.median(losses)),
         "students_status": {s: status.count(s) for s in sorted(set(status))},
+        "students_restarts": (int(sum(res.students.column("restarts").to_pylist()))
+                              if "restarts" in res.students.column_names else None),
         "lm_steps": int(max(res.students.column("steps").to_pylist())),
         "clusters_before_prune": int(res.layers[0].clusters.num_rows),
         "wall_s": wall,
@@ -238,7 +241,9 @@ def summarise(runs: list[dict[str, Any]], teachers: list[dict[str, Any]], rhos: 
         out["success_count"][str(rho)] = sum(r["success"] for r in done)
         out["success_rate"][str(rho)] = (sum(r["success"] for r in done) / len(done)) if done else None
         fails = [r for r in done if not r["success"]]
-        out["failures"][str(rho)] = {  # students lacked a teacher neuron, or clustering/reconstruction missed it
+        # "students": some teacher neuron was missing from the students (held exactly by none, or roughly
+        # by fewer than ⌊γN⌋); "clustering": the students had it and clustering/reconstruction missed it
+        out["failures"][str(rho)] = {
             "students": [r["teacher"] for r in fails if not r["copies"]["students_ok"]],
             "clustering": [r["teacher"] for r in fails if r["copies"]["students_ok"]],
         }
@@ -249,7 +254,7 @@ def summarise(runs: list[dict[str, Any]], teachers: list[dict[str, Any]], rhos: 
             )
     rho4 = [by[(i, 4)] for i in ids if (i, 4) in by and "rules" in by[(i, 4)]]
     if rho4:
-        names = list(rho4[0]["rules"])
+        names = [n for n in rho4[0]["rules"] if all(n in r["rules"] for r in rho4)]  # resumed files may mix
         out["rules_rho4"] = {
             n: {
                 "success": sum(r["rules"][n]["success"] for r in rho4),
@@ -318,10 +323,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     rr = summ.get("rules_rho4")
     if rr:
         names = list(rr)
-        labels = {"default": "stable + prune\n(default)", "stable": "stable\nno prune",
-                  "reference_pi6": "reference\nβ=π/6", "reference_pi3": "reference\nβ=π/3",
-                  "reference_pi6_drop": "reference β=π/6\n+ drop 1e-3",
-                  "reference_pi6_prune": "reference β=π/6\n+ prune"}
+        labels = {"default": "stable\n+ prune\n(default)", "stable": "stable",
+                  "reference_pi6": "reference\nπ/6", "reference_pi3": "reference\nπ/3",
+                  "reference_pi6_drop": "reference\nπ/6\n+ drop", "reference_pi6_prune": "reference\nπ/6\n+ prune"}
         succ = [rr[n]["success"] for n in names]
         width = [rr[n]["exact_width"] for n in names]
         x = np.arange(len(names))
@@ -348,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
     p.add_argument("--rho", type=int, nargs="+", default=None, help="override the ρ values (default 1 2 4)")
     p.add_argument("--only", nargs="+", default=None, help="teacher ids to run (e.g. tanh-8-4-s202)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON at --out and exit")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: deterministic, and best on shared cores)")
     args = p.parse_args(argv)
 
@@ -360,12 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     rhos = args.rho or ([4] if args.quick else list(RHOS))
     out = args.out or _common.RESULTS / ("recovery_suite_quick.json" if args.quick else "recovery_suite.json")
 
+    if args.plot_only:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+        return 0
     runs: list[dict[str, Any]] = []
+    earlier: list[dict[str, Any]] = []  # machine records of the invocations a resumed file came from
     if args.resume and out.exists():
-        import json
-
         old = json.loads(out.read_text())
         runs = [r for r in old.get("runs", []) if r["n_queries"] == n_queries(r) and r["n_students"] == N_STUDENTS]
+        earlier = old.get("earlier_invocations", []) + [
+            old["machine"] | {"wall_s": old.get("suite_wall_s_this_invocation")}
+        ]
         print(f"resume: {len(runs)} finished runs kept from {out}", flush=True)
     done = {(r["teacher"], r["rho"]) for r in runs}
     machine = _common.machine_info()
@@ -389,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 "config_defaults": ecdist.Config(activation="tanh", student_widths=[1]).to_dict()
                 | {"activation": None, "student_widths": None},
                 "rules_rho4": {"default": "the run itself (stable rule, prune=True)",
-                               **{k: {kk: vv for kk, vv in v.items()} for k, v in RULES.items()}},
+                               **{k: dict(v) for k, v in RULES.items()}},
                 "quick": args.quick,
             },
             "teachers": [t | {"id": teacher_id(t), "P4": n_params(t["d_in"], 4 * t["width"]),
@@ -398,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "suite_wall_s_this_invocation": time.perf_counter() - t_start,
             "machine": machine,
+            "earlier_invocations": earlier,
         }
         _common.write_json(out, data)
         return data

@@ -93,6 +93,11 @@ class Config:
         "after the fine-tune, remove recovered neurons the exact fit does not need (zero weight, duplicates)",
         default=True,
     )
+    fallback: bool = _doc(
+        "when the stable rule's neurons do not fit exactly, retry with the authors' generous cut and use it "
+        "if its fit is exact (pruning removes its extras)",
+        default=True,
+    )
     pack_size: int = _doc("students stacked in one pack (0: as many as memory allows)", default=0)
     threads: int = _doc("torch threads for in-process training (0: all cores)", default=0)
 
@@ -205,6 +210,7 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finish_lm": (lambda v: isinstance(v, bool), "True or False"),
     "finetune_iter": (_int(0), "an int >= 0"),
     "prune": (lambda v: isinstance(v, bool), "True or False"),
+    "fallback": (lambda v: isinstance(v, bool), "True or False"),
     "pack_size": (_int(0), "an int >= 0"),
     "threads": (_int(0), "an int >= 0"),
 }

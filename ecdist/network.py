@@ -6,6 +6,7 @@ easy to read out as [w; b] neuron vectors.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,9 +41,9 @@ class MLP(nn.Module):
         self.widths = widths
         self.activation = activations.get(activation).name
         self._act = activations.get(activation)
-        self.layers = nn.ModuleList(
-            nn.Linear(i, o, dtype=dtype) for i, o in zip(widths[:-1], widths[1:])
-        )
+        with warnings.catch_warnings():  # a recovered layer may be empty: nothing to initialise
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            self.layers = nn.ModuleList(nn.Linear(i, o, dtype=dtype) for i, o in zip(widths[:-1], widths[1:]))
         self.skip = nn.Linear(widths[0], widths[-1], bias=False, dtype=dtype) if affine else None
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)

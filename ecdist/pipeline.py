@@ -28,7 +28,7 @@ from .config import Config
 from .errors import ConfigError, QueryError, TeacherError
 from .network import MLP
 from .queries import Standardizer, validate
-from .reconstruct import REFERENCE_TOP, collapse, finetune, output_layer, prune, to_original
+from .reconstruct import EXACT_FIT, REFERENCE_TOP, Collapsed, collapse, finetune, output_layer, prune, to_original
 from .students import (
     STATUS_NAMES,
     AdamOptions,
@@ -59,6 +59,7 @@ class LayerResult:
     width: int
     neurons: pa.Table
     clusters: pa.Table
+    rule: str = "stable"  # the clustering rule whose candidates made the layer
     clustering: Clusters | None = None
 
 
@@ -151,27 +152,7 @@ def _recover(
         ]
         timings["train"] = time.perf_counter() - t1
 
-        rows = [p.layer_neurons(Xt, 0) for p in packs]
-        layer = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-        can = act.symmetry.canonicalize(layer["vectors"], layer["outgoing"], act.linear_coef)
-        neurons = pa.table(
-            {
-                "student": layer["student_ids"],
-                "neuron": np.concatenate([np.arange(p.widths[1]) for p in packs for _ in p.ids]),
-                "contribution": layer["contribution"],
-                "sign": can.sign,
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(can.vectors.ravel()), can.vectors.shape[1]),
-            }
-        )
-        students = pa.table(
-            {
-                "student": pa.array([int(s) for p in packs for s in p.ids], pa.int64()),
-                "pack": pa.array([i for i, p in enumerate(packs) for _ in p.ids], pa.int64()),
-                "rel_loss": pa.array([float(l) for p in packs for l in p.rel_loss], pa.float64()),
-                "status": pa.array([STATUS_NAMES[int(s)] for p in packs for s in p.status]),
-                "steps": pa.array([p.steps for p in packs for _ in p.ids], pa.int64()),
-            }
-        )
+        neurons, students = _neuron_table(packs, Xt, act), _student_table(packs)
         layer_result, network, final = _reconstruct(config, neurons, students, Xt, Yt, xs, ys, timings, report)
     steps, hist = _history(packs)
     result = Recovery(
@@ -193,7 +174,9 @@ def _recover(
     return result
 
 
-RECLUSTER_FIELDS = ("gamma", "beta", "cluster_backend", "cluster_rule", "min_separation", "drop", "prune", "finetune_iter")
+RECLUSTER_FIELDS = (
+    "gamma", "beta", "cluster_backend", "cluster_rule", "min_separation", "drop", "prune", "fallback", "finetune_iter",
+)
 
 
 def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any) -> Recovery:
@@ -242,6 +225,17 @@ def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any)
     )
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """One clustering rule's candidates and the network the fit made of them."""
+
+    clusters: Clusters
+    collapsed: Collapsed
+    final: float
+    weights: tuple  # V, A, c, S in standardised units
+    kept: np.ndarray
+
+
 def _reconstruct(
     config: Config,
     neurons: pa.Table,
@@ -253,40 +247,58 @@ def _reconstruct(
     timings: dict[str, float],
     report: Progress,
 ) -> tuple[LayerResult, MLP, float]:
-    """Cluster one layer's canonical neurons, collapse, fit, prune; the network in original units."""
+    """Cluster one layer's canonical neurons, collapse, fit, prune; the network in original units.
+
+    With ``fallback``, a stable-rule result that does not fit exactly is retried with the
+    authors' cut, which keeps more candidates (often every teacher neuron among them); the
+    exact-fit pruning then removes its extras. The retry replaces the first answer only if its
+    fit is exact: otherwise its extra neurons would win merely by fitting more.
+    """
     act = activations.get(config.activation)
     vectors = np.asarray(neurons.column("vector").combine_chunks().flatten()).reshape(neurons.num_rows, -1)
     sids = np.asarray(neurons.column("student"))
-    t0 = time.perf_counter()
-    clusters = cluster_layer(
-        vectors, sids, config.gamma, config.beta,
-        backend=config.cluster_backend, rule=config.cluster_rule, weights=np.asarray(neurons.column("contribution")),
-        drop=config.drop, n_students=config.n_students, min_separation=config.min_separation,
-    )
-    timings["cluster"] = time.perf_counter() - t0
-    report("cluster", {"layer": 1, "kept": clusters.n_clusters, "rows": len(vectors)})
-    if clusters.n_clusters == 0:
+    losses = dict(zip(np.asarray(students.column("student")).tolist(), np.asarray(students.column("rel_loss")).tolist()))
+
+    def attempt(rule: str, top: int | None) -> _Attempt:
+        t0 = time.perf_counter()
+        clusters = cluster_layer(
+            vectors, sids, config.gamma, config.beta,
+            backend=config.cluster_backend, rule=rule, weights=np.asarray(neurons.column("contribution")),
+            drop=config.drop, n_students=config.n_students, min_separation=config.min_separation,
+        )
+        timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - t0
+        report("cluster", {"layer": 1, "rule": rule, "kept": clusters.n_clusters, "rows": len(vectors)})
+        t1 = time.perf_counter()
+        col = collapse(vectors, sids, clusters.labels, losses, top)
+        if config.prune:
+            final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
+        else:
+            Xn, Yn = Xt.cpu().double().numpy(), Yt.cpu().double().numpy()
+            A, c, S = output_layer(col.vectors, Xn, Yn, act.name, act.symmetry.needs_affine)
+            final, V, A, c, S = finetune(col.vectors, A, c, S, Xt, Yt, act.name, config.finetune_iter)
+            kept = np.arange(len(V))
+        timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
+        return _Attempt(clusters, col, final, (V, A, c, S), kept)
+
+    best = attempt(config.cluster_rule, REFERENCE_TOP if config.cluster_rule == "reference" else None)
+    if config.fallback and config.prune and config.cluster_rule == "stable" and best.final > EXACT_FIT:
+        other = attempt("reference", None)
+        log.info("layer 1: stable rule fit %.1e, authors' cut with pruning %.1e", best.final, other.final)
+        if other.final <= EXACT_FIT:  # more neurons always fit better: only an exact fit earns the switch
+            best = other
+    if best.clusters.n_clusters == 0:
         log.warning(
             "layer 1: no cluster spans %d students; the students may not have converged "
             "(see the students table) — try more students, wider students or more queries",
-            clusters.min_students,
+            best.clusters.min_students,
         )
-    t1 = time.perf_counter()
-    losses = dict(zip(np.asarray(students.column("student")).tolist(), np.asarray(students.column("rel_loss")).tolist()))
-    top = REFERENCE_TOP if config.cluster_rule == "reference" else None
-    col = collapse(vectors, sids, clusters.labels, losses, top)
-    if config.prune:
-        final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
-    else:
-        Xn, Yn = Xt.cpu().double().numpy(), Yt.cpu().double().numpy()
-        A, c, S = output_layer(col.vectors, Xn, Yn, act.name, act.symmetry.needs_affine)
-        final, V, A, c, S = finetune(col.vectors, A, c, S, Xt, Yt, act.name, config.finetune_iter)
-        kept = np.arange(len(V))
-    network = to_original(V, A, c, S, xs, ys, act.name)
-    timings["reconstruct"] = time.perf_counter() - t1
-    report("reconstruct", {"widths": [len(V)], "rel_mse": final, "pruned": len(col.vectors) - len(V)})
-    table = neurons.append_column("cluster", pa.array(clusters.labels)).append_column("dropped", pa.array(clusters.dropped))
-    return _layer_result(0, table, clusters, col, network, kept), network, final
+    V = best.weights[0]
+    network = to_original(*best.weights, xs, ys, act.name)
+    report("reconstruct", {"widths": [len(V)], "rel_mse": best.final, "pruned": len(best.collapsed.vectors) - len(V)})
+    table = neurons.append_column("cluster", pa.array(best.clusters.labels)).append_column(
+        "dropped", pa.array(best.clusters.dropped)
+    )
+    return _layer_result(0, table, best.clusters, best.collapsed, network, best.kept), network, best.final
 
 
 def _plan(config: Config, d_in: int, d_out: int) -> dict[str, Any]:
@@ -365,6 +377,35 @@ def _train_pack(
     return pack
 
 
+def _neuron_table(packs: list[StudentPack], X: torch.Tensor, act: activations.Activation) -> pa.Table:
+    """Every student's first-layer neurons, canonicalised: what clustering reads (and ``recluster`` reuses)."""
+    rows = [p.layer_neurons(X, 0) for p in packs]
+    layer = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    can = act.symmetry.canonicalize(layer["vectors"], layer["outgoing"], act.linear_coef)
+    return pa.table(
+        {
+            "student": layer["student_ids"],
+            "neuron": np.concatenate([np.arange(p.widths[1]) for p in packs for _ in p.ids]),
+            "contribution": layer["contribution"],
+            "sign": can.sign,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(can.vectors.ravel()), can.vectors.shape[1]),
+        }
+    )
+
+
+def _student_table(packs: list[StudentPack]) -> pa.Table:
+    return pa.table(
+        {
+            "student": pa.array([int(s) for p in packs for s in p.ids], pa.int64()),
+            "pack": pa.array([i for i, p in enumerate(packs) for _ in p.ids], pa.int64()),
+            "rel_loss": pa.array([float(l) for p in packs for l in p.rel_loss], pa.float64()),
+            "status": pa.array([STATUS_NAMES[int(s)] for p in packs for s in p.status]),
+            "restarts": pa.array([int(r) for p in packs for r in p.restarts], pa.int64()),
+            "steps": pa.array([p.steps for p in packs for _ in p.ids], pa.int64()),
+        }
+    )
+
+
 def _layer_result(index: int, neurons: pa.Table, clusters: Clusters, col, network: MLP, kept: np.ndarray) -> LayerResult:
     """Tables of one layer: every student neuron, and every candidate cluster with its fate."""
     sel = col.cluster
@@ -384,7 +425,7 @@ def _layer_result(index: int, neurons: pa.Table, clusters: Clusters, col, networ
             "vector": pa.array([vec[n].tolist() if n >= 0 else None for n in neuron], pa.list_(pa.float64(), vec.shape[1])),
         }
     )
-    return LayerResult(index + 1, len(kept), neurons, tbl, clusters)
+    return LayerResult(index + 1, len(kept), neurons, tbl, clusters.rule, clusters)
 
 
 def _history(packs: list[StudentPack]) -> tuple[np.ndarray, np.ndarray]:

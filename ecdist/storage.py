@@ -128,6 +128,7 @@ def save_recovery(result: "Recovery", path: str | Path) -> Path:
         "schema": REPORT_VERSION,
         "ecdist_version": __version__,
         "layer_sizes": result.layer_sizes,
+        "layer_rules": [layer.rule for layer in result.layers],
         "final_rel_mse": result.final_rel_mse,
         "plan": result.plan,
         "timings": result.timings,
@@ -175,9 +176,13 @@ def load_recovery(path: str | Path) -> "Recovery":
     steps = np.asarray(hist.column("step"))[::n] if n else np.zeros(0, np.int64)
     history = np.asarray(hist.column("rel_loss")).reshape(-1, n) if n else np.zeros((0, 0))
     layers = []
-    for i, width in enumerate(report["layer_sizes"], start=1):
+    rules = report.get("layer_rules", ["stable"] * len(report["layer_sizes"]))
+    for i, (width, rule) in enumerate(zip(report["layer_sizes"], rules), start=1):
         layers.append(
-            LayerResult(i, int(width), _read_parquet(path / f"layer_{i}_neurons.parquet"), _read_parquet(path / f"layer_{i}_clusters.parquet"))
+            LayerResult(
+                i, int(width), _read_parquet(path / f"layer_{i}_neurons.parquet"),
+                _read_parquet(path / f"layer_{i}_clusters.parquet"), rule,
+            )
         )
     comparison = Comparison.from_dict(report["comparison"]) if report.get("comparison") else None
     return Recovery(

@@ -75,3 +75,21 @@ def test_demo_command_recovers_the_calibration_teacher(tmp_path):
     assert max(result.comparison.max_weight_distance) < 1e-6
     assert (out / "recovery.png").stat().st_size > 0
     assert (out / "layer_1_clusters.parquet").exists()
+
+
+def test_fallback_to_the_authors_cut_when_the_stable_rule_is_not_exact():
+    """tanh 8-4-1 (low d_in): one teacher neuron's copies are too loose for the stable rule; the
+    authors' generous cut includes it, and the exact-fit pruning removes that cut's extras."""
+    teacher = ecdist.teachers.random_mlp([8, 4, 1], "tanh", seed=1)
+    X = ecdist.queries.gaussian(1000, 8, seed=11)
+    config = ecdist.Config(activation="tanh", student_widths=[16], n_students=10, seed=1, fallback=False, threads=1)
+    stable_only = ecdist.recover(teacher, X, config)
+    assert stable_only.final_rel_mse > 1e-16  # the stable rule alone did not reach an exact fit
+    assert stable_only.layers[0].rule == "stable"
+
+    with_fallback = ecdist.recluster(stable_only, teacher, X, fallback=True)
+    report = ecdist.compare(with_fallback.network, teacher, "tanh")
+    assert with_fallback.layers[0].rule == "reference"
+    assert with_fallback.layer_sizes == [4]
+    assert max(report.max_weight_distance) < 1e-6
+    assert with_fallback.layers[0].clusters.num_rows > 4  # the extras of the generous cut were pruned

@@ -488,7 +488,7 @@ BAD_VALUES = [
     ("stall_window", 0), ("restarts", -1), ("restarts", 1.5), ("restart_above", -1e-6), ("restart_above", 2.0),
     ("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("max_epochs", -5),
     ("patience", -1), ("cooldown", -1), ("min_lr", 0.0), ("finish_lm", 1), ("finish_lm", "yes"),
-    ("finetune_iter", -1), ("prune", None), ("pack_size", -1), ("threads", -2),
+    ("finetune_iter", -1), ("prune", None), ("fallback", "no"), ("pack_size", -1), ("threads", -2),
 ]
 
 

@@ -99,7 +99,7 @@ def test_save_and_load_round_trip(run, tmp_path):
     np.testing.assert_array_equal(back.network.predict(X_test), result.network.predict(X_test))
     assert back.network.widths == result.network.widths and back.network.activation == "tanh"
     assert back.students.equals(result.students)
-    assert back.students.column_names == ["student", "pack", "rel_loss", "status", "steps"]
+    assert back.students.column_names == ["student", "pack", "rel_loss", "status", "restarts", "steps"]
     np.testing.assert_array_equal(back.history, result.history)
     np.testing.assert_array_equal(back.history_steps, result.history_steps)
     assert back.history.shape == (len(result.history_steps), 8)
