@@ -44,7 +44,6 @@ import numpy as np
 import torch
 
 import _common
-import ecdist
 from ecdist import activations
 from ecdist.cluster import cluster_layer
 from ecdist.reconstruct import collapse

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ class Recovery:
     timings: dict[str, float]
     final_rel_mse: float
     comparison: Any = None  # an ecdist.metrics.Comparison, when one was computed
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON, Parquet and safetensors (no pickle); ``ecdist.load`` reads it."""
@@ -451,7 +450,8 @@ def _fingerprint(X: np.ndarray, Y: np.ndarray) -> str:
 def _threads(n: int):
     """Pin torch's intra-op threads for the run (calibration: oversubscription collapses throughput)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n or len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n or cores)
     try:
         yield
     finally:

@@ -93,3 +93,23 @@ def test_fallback_to_the_authors_cut_when_the_stable_rule_is_not_exact():
     assert with_fallback.layer_sizes == [4]
     assert max(report.max_weight_distance) < 1e-6
     assert with_fallback.layers[0].clusters.num_rows > 4  # the extras of the generous cut were pruned
+
+
+@pytest.mark.parametrize("finish_lm", [True, False])
+def test_adam_students_with_and_without_the_lm_finish(finish_lm):
+    """The minibatch-Adam path (for students too large for LM), optionally finished by LM."""
+    teacher = ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=0)
+    X = ecdist.queries.gaussian(500, 10, seed=1)
+    config = ecdist.Config(
+        activation="tanh", student_widths=[8], n_students=8, optimizer="adam", finish_lm=finish_lm,
+        max_epochs=300, threads=1,
+    )
+    result = ecdist.recover(teacher, X, config)
+    assert result.plan["optimizer"] == "adam" and result.plan["finish_lm"] is finish_lm
+    losses = np.asarray(result.students.column("rel_loss"))
+    first = result.history[0]
+    assert np.median(losses) < 0.5 * np.median(first)  # Adam trained the students
+    if finish_lm:
+        assert np.median(losses) < 1e-8  # the second-order finish reaches the precise regime
+    report = ecdist.compare(result.network, teacher, "tanh")
+    assert result.layer_sizes == [2] and max(report.max_weight_distance) < 1e-6
