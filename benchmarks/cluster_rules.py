@@ -40,10 +40,10 @@ import sys
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
 
-import _common
 from ecdist import activations
 from ecdist.cluster import cluster_layer
 from ecdist.reconstruct import collapse

@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
 import torch
 
-import _common
 import ecdist
 from ecdist import activations
 from ecdist.queries import Standardizer

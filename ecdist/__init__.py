@@ -12,12 +12,20 @@ students are the teacher's.
 >>> result.layer_sizes                                    # doctest: +SKIP
 [8]
 """
-from . import cluster, queries, teachers
-from .config import Config
-from .errors import ConfigError, EcdistError, QueryError, RunFolderError, TeacherError
-from .metrics import Comparison, compare
-from .pipeline import Recovery, recluster, recover
-from .storage import load_recovery as load
+import os
+
+# MKL's reproducible mode (read once, when MKL starts): a student's arithmetic then does not
+# depend on its pack, thread count or memory alignment, so every backend and every split of the
+# students gives the same network. Set before torch runs its first matrix product; a value the
+# user set is kept. Ray pack actors get it through their runtime_env (ecdist.distributed).
+os.environ.setdefault("MKL_CBWR", "AVX2")
+
+from . import cluster, queries, teachers  # noqa: E402
+from .config import Config  # noqa: E402
+from .errors import ConfigError, EcdistError, QueryError, RunFolderError, TeacherError  # noqa: E402
+from .metrics import Comparison, compare  # noqa: E402
+from .pipeline import Recovery, recluster, recover  # noqa: E402
+from .storage import load_recovery as load  # noqa: E402
 
 __version__ = "0.1.0"
 

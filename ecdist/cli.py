@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--query-seed", type=int, default=1, help="seed of generated queries")
     rec.add_argument("--out", type=Path, required=True, help="run folder: checkpoints and results")
     rec.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    rec.add_argument(
+        "--address",
+        help="Ray cluster to train on: 'auto' (the one `ray start` runs on this machine) or host:port "
+        "(default: RAY_ADDRESS, else a local Ray for this run)",
+    )
     _add_config_flags(rec)
 
     cmp_ = sub.add_parser(
@@ -129,6 +134,7 @@ def _teacher(spec: str, arch: str | None, activation: str):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import ecdist
+
     from .plots import plot_recovery
 
     config = _config(args, activation="tanh", student_widths=args.student_widths or [32])
@@ -153,6 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     import ecdist
+
     from .plots import plot_recovery
     from .teachers import parse_arch
 
@@ -168,7 +175,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         gen = ecdist.queries.gaussian if args.gaussian else ecdist.queries.uniform
         X = gen(args.gaussian or args.uniform, d_in, seed=args.query_seed)
     config = _config(args, activation=args.activation)
-    result = ecdist.recover(teacher, X, config, out=args.out, resume=args.resume, progress=True)
+    result = ecdist.recover(teacher, X, config, out=args.out, resume=args.resume, progress=True, address=args.address)
     if isinstance(teacher, ecdist.teachers.MLP):
         result.comparison = ecdist.compare(result.network, teacher, args.activation)
         result.save(args.out)

@@ -21,6 +21,8 @@ from . import activations
 from .errors import ConfigError
 
 SCHEMA_VERSION = 1
+# where and how parallel a run executes; a student's arithmetic does not depend on them
+EXECUTION_FIELDS = frozenset({"backend", "threads", "pack_size", "cpus_per_pack", "gpus_per_pack", "actor_restarts"})
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -47,7 +49,11 @@ class Config:
     )
     seed: int = _doc("seed of every random choice (students' initialisation, minibatch order)", default=0)
     dtype: str = _doc("float64 (precision decides recovery) or float32", default="float64")
-    backend: str = _doc("where students train: auto, local (in-process)", default="auto")
+    backend: str = _doc(
+        "where students train: auto (the running Ray or RAY_ADDRESS, else a local Ray started for the run), "
+        "ray (the same, Ray required), local (in-process, no Ray)",
+        default="auto",
+    )
     device: str = _doc("auto (CUDA when available), cpu or cuda", default="auto")
     cluster_backend: str = _doc("auto or scipy (exact average linkage)", default="auto")
     cluster_rule: str = _doc(
@@ -98,7 +104,20 @@ class Config:
         "if its fit is exact (pruning removes its extras)",
         default=True,
     )
-    pack_size: int = _doc("students stacked in one pack (0: as many as memory allows)", default=0)
+    pack_size: int = _doc(
+        "students stacked in one pack (0: local — as many as memory allows; Ray — spread over the actors the "
+        "cluster runs at once)",
+        default=0,
+    )
+    cpus_per_pack: int = _doc("Ray: CPUs of each pack actor (its torch threads)", default=1)
+    gpus_per_pack: float = _doc(
+        "Ray: GPU share of each pack actor (0.25 packs four to a GPU; 0: one per GPU when the cluster has GPUs)",
+        default=0.0,
+    )
+    actor_restarts: int = _doc(
+        "Ray: times a pack actor that dies (node lost, OOM) is restarted; it resumes from its checkpoint",
+        default=3,
+    )
     threads: int = _doc("torch threads for in-process training (0: all cores)", default=0)
 
     def __post_init__(self) -> None:
@@ -153,8 +172,10 @@ class Config:
         return cls.from_dict(data)
 
     def fingerprint(self) -> str:
-        """Hash of the canonical JSON (schema version included): names run folders."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Hash of the canonical JSON (schema version included) without the fields that only say
+        where the run executes: a run started in-process can be resumed on a Ray cluster."""
+        data = {"schema": SCHEMA_VERSION, **{k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -188,7 +209,7 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta": (_num(0, math.pi / 2), "an angle in radians in (0, π/2]"),
     "seed": (_int(0), "an int >= 0"),
     "dtype": _one_of("float64", "float32"),
-    "backend": _one_of("auto", "local"),
+    "backend": _one_of("auto", "local", "ray"),
     "device": _one_of("auto", "cpu", "cuda"),
     "cluster_backend": _one_of("auto", "scipy"),
     "cluster_rule": _one_of("stable", "reference"),
@@ -213,4 +234,7 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fallback": (lambda v: isinstance(v, bool), "True or False"),
     "pack_size": (_int(0), "an int >= 0"),
     "threads": (_int(0), "an int >= 0"),
+    "cpus_per_pack": (_int(1), "an int >= 1"),
+    "gpus_per_pack": (_num(0, math.inf, lo_open=False, hi_open=True), "a number >= 0"),
+    "actor_restarts": (_int(0), "an int >= 0"),
 }

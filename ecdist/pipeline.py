@@ -27,23 +27,15 @@ from .cluster import Clusters, cluster_layer
 from .config import Config
 from .errors import ConfigError, QueryError, TeacherError
 from .network import MLP
+from .packs import PackResult, PackTrainer
 from .queries import Standardizer, validate
 from .reconstruct import EXACT_FIT, REFERENCE_TOP, Collapsed, collapse, finetune, output_layer, prune, to_original
-from .students import (
-    STATUS_NAMES,
-    AdamOptions,
-    LMOptions,
-    StudentPack,
-    fit_adam,
-    fit_lm,
-    n_params,
-)
+from .students import n_params
 from .teachers import Teacher, query
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, dict[str, Any]], None]
 LM_MEMORY_BUDGET = 2 * 2**30  # bytes of normal matrices per pack (3 P×P float64 per student)
-CHECKPOINT_EVERY = 10  # LM iterations between pack checkpoints in a run folder
 
 
 @dataclass
@@ -101,29 +93,39 @@ def recover(
     out: str | Path | None = None,
     resume: bool = False,
     progress: Progress | bool | None = None,
+    address: str | None = None,
 ) -> Recovery:
     """Recover the hidden layer sizes and weights of ``teacher`` from its outputs on ``X``.
 
     teacher: a torch module or a callable numpy (n, d_in) → (n,) or (n, d_out); X: (n, d_in)
     queries; out: a run folder that keeps checkpoints and results; resume: continue the run
-    already in ``out`` (same config and queries), reusing its finished students.
+    already in ``out`` (same config and queries), reusing its finished students; address: a
+    Ray cluster to run the student packs on (default: the running Ray, ``RAY_ADDRESS``, or a
+    local Ray started for this run — see ``Config.backend``).
 
     Example:
         >>> import ecdist
         >>> t = ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=0)
         >>> X = ecdist.queries.gaussian(500, 10, seed=1)
-        >>> cfg = ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0)
+        >>> cfg = ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0,
+        ...                     backend="local")  # in-process: no Ray for a tiny run
         >>> ecdist.recover(t, X, cfg).layer_sizes
         [2]
     """
     if not isinstance(config, Config):
         raise ConfigError(f"config: expected an ecdist.Config, got {type(config).__name__}")
     with _progress(progress) as report:
-        return _recover(teacher, X, config, out, resume, report)
+        return _recover(teacher, X, config, out, resume, report, address)
 
 
 def _recover(
-    teacher: Teacher, X: np.ndarray, config: Config, out: str | Path | None, resume: bool, report: Progress
+    teacher: Teacher,
+    X: np.ndarray,
+    config: Config,
+    out: str | Path | None,
+    resume: bool,
+    report: Progress,
+    address: str | None,
 ) -> Recovery:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -136,24 +138,33 @@ def _recover(
     fingerprint = _fingerprint(X, Y)
     run = storage.RunFolder.open(out, config, fingerprint, resume) if out is not None else None
 
-    act = activations.get(config.activation)
-    plan = _plan(config, X.shape[1], Y.shape[1])
     xs, ys = Standardizer.fit(X), Standardizer.fit(Y)
+    Xs, Ys = xs(X), ys(Y)
+    t1 = time.perf_counter()
+    if _use_ray(config, address):
+        from . import distributed
+
+        with distributed.session(address) as started:
+            total = distributed.resources()
+            plan = _plan(config, X.shape[1], Y.shape[1], ray_resources=total)
+            plan["ray_started_here"] = started
+            report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "Ray"})
+            results = list(distributed.train_packs(config, plan, Xs, Ys, run.path if run else None, report))
+    else:
+        plan = _plan(config, X.shape[1], Y.shape[1])
+        report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "this process"})
+        results = _train_local(config, plan, Xs, Ys, run, report)
+    timings["train"] = time.perf_counter() - t1
+    results.sort(key=lambda r: r.index)  # arrival order varies; the tables do not
+
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with _threads(config.threads):
-        Xt = torch.as_tensor(xs(X), dtype=dtype, device=plan["device"])
-        Yt = torch.as_tensor(ys(Y), dtype=dtype, device=plan["device"])
-
-        t1 = time.perf_counter()
-        packs = [
-            _train_pack(i, ids, config, plan, Xt, Yt, run, report)
-            for i, ids in enumerate(plan["packs"])
-        ]
-        timings["train"] = time.perf_counter() - t1
-
-        neurons, students = _neuron_table(packs, Xt, act), _student_table(packs)
+        Xt = torch.as_tensor(Xs, dtype=dtype)
+        Yt = torch.as_tensor(Ys, dtype=dtype)
+        neurons = pa.Table.from_batches([r.neurons for r in results])
+        students = pa.Table.from_batches([r.students for r in results])
         layer_result, network, final = _reconstruct(config, neurons, students, Xt, Yt, xs, ys, timings, report)
-    steps, hist = _history(packs)
+    steps, hist = _history(results)
     result = Recovery(
         config=config,
         layer_sizes=[layer_result.width],
@@ -163,7 +174,12 @@ def _recover(
         history_steps=steps,
         history=hist,
         plan={k: v for k, v in plan.items() if k != "packs"}
-        | {"pack_sizes": [len(p) for p in plan["packs"]], "data_fingerprint": fingerprint},
+        | {
+            "pack_sizes": [len(p) for p in plan["packs"]],
+            "packs_resumed_from": [r.resumed_from for r in results],
+            "pack_nodes": [r.node for r in results],
+            "data_fingerprint": fingerprint,
+        },
         timings=timings | {"total": time.perf_counter() - t0},
         final_rel_mse=final,
     )
@@ -171,6 +187,36 @@ def _recover(
         run.finish(result)
     report("done", {"layer_sizes": result.layer_sizes})
     return result
+
+
+def _use_ray(config: Config, address: str | None) -> bool:
+    """``auto``: Ray unless it is not installed (then in-process, with a note in the log)."""
+    if config.backend == "local":
+        if address:
+            raise ConfigError("backend: an address of a Ray cluster was given with backend='local'; use 'auto' or 'ray'")
+        return False
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if config.backend == "ray":
+            raise ConfigError("backend: 'ray' needs Ray installed (pip install 'ray[default]')") from None
+        log.info("Ray is not installed; training in-process")
+        return False
+    return True
+
+
+def _train_local(
+    config: Config, plan: dict[str, Any], X: np.ndarray, Y: np.ndarray, run: storage.RunFolder | None, report: Progress
+) -> list[PackResult]:
+    """Every pack in this process, one after another, on all of its threads."""
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    with _threads(config.threads):
+        Xt = torch.as_tensor(X, dtype=dtype, device=plan["device"])
+        Yt = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
+        return [
+            PackTrainer(i, ids, config, plan, run.path if run else None).train(Xt, Yt, report)
+            for i, ids in enumerate(plan["packs"])
+        ]
 
 
 RECLUSTER_FIELDS = (
@@ -300,109 +346,47 @@ def _reconstruct(
     return _layer_result(0, table, best.clusters, best.collapsed, network, best.kept), network, best.final
 
 
-def _plan(config: Config, d_in: int, d_out: int) -> dict[str, Any]:
-    """Resolve every ``auto`` choice once; the result is stored beside (not in) the config."""
+def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float] | None = None) -> dict[str, Any]:
+    """Resolve every ``auto`` choice once; the result is stored beside (not in) the config.
+
+    ray_resources: the cluster's CPUs and GPUs when the packs run on Ray (they size the packs
+    and the actors' shares); None for in-process training.
+    """
     widths = [d_in, *config.student_widths, d_out]
     P = n_params(widths)
     device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device; use device='auto' or 'cpu'")
+    if ray_resources is None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device; use device='auto' or 'cpu'")
     optimizer = config.optimizer
     if optimizer == "auto":
         optimizer = "lm" if P <= config.lm_max_params else "adam"
     finish = optimizer == "adam" and config.finish_lm and P <= config.lm_max_params
-    size = config.pack_size
-    if size == 0:
-        size = config.n_students
-        if optimizer == "lm" or finish:
-            size = max(1, min(size, LM_MEMORY_BUDGET // (24 * P * P)))
-    ids = list(range(config.n_students))
-    return {
+    max_size = config.n_students
+    if optimizer == "lm" or finish:
+        max_size = max(1, min(max_size, LM_MEMORY_BUDGET // (24 * P * P)))
+    plan: dict[str, Any] = {
         "widths": widths,
         "params_per_student": P,
         "optimizer": optimizer,
         "finish_lm": finish,
         "device": device,
-        "backend": "local",
+        "backend": "local" if ray_resources is None else "ray",
         "cluster_backend": "scipy",
-        "packs": [ids[i : i + size] for i in range(0, len(ids), size)],
     }
-
-
-def _train_pack(
-    index: int,
-    ids: list[int],
-    config: Config,
-    plan: dict[str, Any],
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    run: storage.RunFolder | None,
-    report: Progress,
-) -> StudentPack:
-    """Train one pack (or pick it up from the run folder); the pack checkpoints as it goes."""
-    dtype, device = X.dtype, X.device
-    state = run.load_pack(index) if run is not None else None
-    if state is not None and state.get("done", np.asarray(False)).item():
-        report("train", {"pack": index, "resumed": True, "done": True})
-        return StudentPack.from_state(state, config.activation, dtype=dtype, device=device)
-    if state is not None:
-        pack = StudentPack.from_state(state, config.activation, dtype=dtype, device=device)
+    if ray_resources is None:
+        size = config.pack_size or max_size
     else:
-        pack = StudentPack.init(plan["widths"], config.activation, ids, config.seed, dtype=dtype, device=device)
+        from .distributed import actor_shares, pack_sizes
 
-    def step(phase: str, i: int, total: int, losses: np.ndarray) -> None:
-        report("train", {"pack": index, "phase": phase, "step": i, "total": total, "losses": losses, "status": pack.status})
-        if run is not None and i % CHECKPOINT_EVERY == 0:
-            run.save_pack(index, pack.state() | {"phase": np.asarray(phase)})
-
-    lm = LMOptions(
-        max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window,
-        restarts=config.restarts, restart_above=config.restart_above,
-    )
-    phase = str(state["phase"]) if state is not None and "phase" in state else "adam"
-    if plan["optimizer"] == "adam" and phase == "adam":
-        adam = AdamOptions(
-            lr=config.lr, batch_size=config.batch_size, max_epochs=config.max_epochs, patience=config.patience,
-            cooldown=config.cooldown, min_lr=config.min_lr, tol=config.student_tol,
-        )
-        fit_adam(pack, X, Y, adam, seed=config.seed * 1_000_003 + index, progress=step)
-        phase = "lm"
-    if plan["optimizer"] == "lm" or plan["finish_lm"]:
-        fit_lm(pack, X, Y, lm, progress=step)
-    if run is not None:
-        run.save_pack(index, pack.state() | {"phase": np.asarray("done"), "done": np.asarray(True)})
-    return pack
-
-
-def _neuron_table(packs: list[StudentPack], X: torch.Tensor, act: activations.Activation) -> pa.Table:
-    """Every student's first-layer neurons, canonicalised: what clustering reads (and ``recluster`` reuses)."""
-    rows = [p.layer_neurons(X, 0) for p in packs]
-    layer = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    can = act.symmetry.canonicalize(layer["vectors"], layer["outgoing"], act.linear_coef)
-    return pa.table(
-        {
-            "student": layer["student_ids"],
-            "neuron": np.concatenate([np.arange(p.widths[1]) for p in packs for _ in p.ids]),
-            "contribution": layer["contribution"],
-            "sign": can.sign,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(can.vectors.ravel()), can.vectors.shape[1]),
-        }
-    )
-
-
-def _student_table(packs: list[StudentPack]) -> pa.Table:
-    return pa.table(
-        {
-            "student": pa.array([int(s) for p in packs for s in p.ids], pa.int64()),
-            "pack": pa.array([i for i, p in enumerate(packs) for _ in p.ids], pa.int64()),
-            "rel_loss": pa.array([float(l) for p in packs for l in p.rel_loss], pa.float64()),
-            "status": pa.array([STATUS_NAMES[int(s)] for p in packs for s in p.status]),
-            "restarts": pa.array([int(r) for p in packs for r in p.restarts], pa.int64()),
-            "steps": pa.array([p.steps for p in packs for _ in p.ids], pa.int64()),
-        }
-    )
+        cpus, gpus, slots = actor_shares(config, ray_resources)
+        size = config.pack_size or pack_sizes(config.n_students, slots, max_size)
+        plan |= {"cpus_per_pack": cpus, "gpus_per_pack": gpus, "ray_resources": ray_resources, "actor_slots": slots}
+    ids = list(range(config.n_students))
+    plan["packs"] = [ids[i : i + size] for i in range(0, len(ids), size)]
+    return plan
 
 
 def _layer_result(index: int, neurons: pa.Table, clusters: Clusters, col, network: MLP, kept: np.ndarray) -> LayerResult:
@@ -427,14 +411,13 @@ def _layer_result(index: int, neurons: pa.Table, clusters: Clusters, col, networ
     return LayerResult(index + 1, len(kept), neurons, tbl, clusters.rule, clusters)
 
 
-def _history(packs: list[StudentPack]) -> tuple[np.ndarray, np.ndarray]:
+def _history(results: list[PackResult]) -> tuple[np.ndarray, np.ndarray]:
     """Every student's logged losses on one step axis (a pack's last value carries forward)."""
-    steps = np.unique(np.concatenate([np.asarray(p.history_steps, dtype=np.int64) for p in packs]))
+    steps = np.unique(np.concatenate([r.history_steps for r in results]))
     cols = []
-    for p in packs:
-        h = np.stack(p.history) if p.history else np.full((1, p.k), np.nan)
-        at = np.searchsorted(np.asarray(p.history_steps), steps, side="right") - 1
-        cols.append(h[np.clip(at, 0, len(h) - 1)])
+    for r in results:
+        at = np.searchsorted(r.history_steps, steps, side="right") - 1
+        cols.append(r.history[np.clip(at, 0, len(r.history) - 1)])
     return steps, np.hstack(cols)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 
 
 class RichProgress:
-    """One bar per training pack with best/median relative MSE and converged/stalled counts."""
+    """One live line for the whole run, however many packs and actors train: students finished
+    (converged or stalled), best and median relative MSE, and the phases the packs are in."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,30 +16,37 @@ class RichProgress:
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.completed}/{task.total} students"),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             transient=False,
         )
-        self._tasks: dict[Any, Any] = {}
+        self._task = None
+        self._packs: dict[int, dict[str, Any]] = {}
         self._bar.start()
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
-        if event == "train" and "losses" in info:
-            key = (info["pack"], info["phase"])
-            if key not in self._tasks:
-                self._tasks[key] = self._bar.add_task(f"pack {info['pack']} {info['phase']}", total=info["total"], info="")
-            losses, status = np.asarray(info["losses"]), np.asarray(info["status"])
-            text = (
-                f"best {losses.min():.1e}  median {np.median(losses):.1e}  "
-                f"done {(status == 1).sum()}  stalled {(status == 2).sum()}  of {len(status)}"
+        if event == "plan":
+            where = f"{info['packs']} packs on {info['backend']}"
+            self._task = self._bar.add_task(f"training ({where})", total=info["n_students"], info="")
+        elif event == "ray":
+            self._bar.console.print(
+                f"Ray: {info['actors']} pack actors, {info['cpus_per_pack']:g} CPU / {info['gpus_per_pack']:g} GPU each"
             )
-            self._bar.update(self._tasks[key], completed=info["step"], info=text)
+        elif event == "train" and "losses" in info and self._task is not None:
+            self._packs[info["pack"]] = info
+            losses = np.concatenate([np.asarray(p["losses"]) for p in self._packs.values()])
+            status = np.concatenate([np.asarray(p["status"]) for p in self._packs.values()])
+            phases = sorted({p["phase"] for p in self._packs.values()})
+            text = (
+                f"best {np.nanmin(losses):.1e}  median {np.nanmedian(losses):.1e}  "
+                f"stalled {(status == 2).sum()}  phase {'/'.join(phases)}"
+            )
+            self._bar.update(self._task, completed=int((status != 0).sum()), info=text)
         elif event == "cluster":
             self._bar.console.print(f"layer {info['layer']}: {info['kept']} clusters kept from {info['rows']} neurons")
         elif event == "reconstruct":
             self._bar.console.print(f"recovered widths {info['widths']}, relative MSE {info['rel_mse']:.1e}")
-
 
     def close(self) -> None:
         self._bar.stop()

@@ -71,6 +71,9 @@ class StudentPack:
         self.history: list[np.ndarray] = []  # one row of rel_loss per logged step
         self.history_steps: list[int] = []
         self.steps = 0
+        # an LM run in progress: its first step, the recent losses and each student's start,
+        # kept with the pack so that a checkpoint resumes it exactly (None: no run started)
+        self.lm_run: dict[str, np.ndarray] | None = None
         self._slices = self._layout()
 
     # ----- construction and layout -------------------------------------------------------
@@ -150,6 +153,9 @@ class StudentPack:
         With ``keep`` also returns the pre-activations of every hidden layer (for Jacobians).
         """
         t = self.theta if theta is None else theta
+        if t.shape[0] == 1:  # see _two: a lone student is computed as a pair
+            out, zs = self.forward(X, _two(t), keep=True)
+            return (out[:1], [z[:1] for z in zs]) if keep else out[:1]
         h: torch.Tensor = X
         zs = []
         for l in range(self.n_layers - 1):
@@ -167,7 +173,7 @@ class StudentPack:
         total = None
         for s in range(0, X.shape[0], chunk):
             r = self.forward(X[s : s + chunk], theta) - Y[s : s + chunk]
-            part = (r * r).sum(dim=(1, 2))
+            part = (r * r).reshape(r.shape[0], -1).sum(dim=1)
             total = part if total is None else total + part
         return total / (X.shape[0] * Y.shape[1])
 
@@ -217,6 +223,9 @@ class StudentPack:
         rounding — and the training path — of a student does not depend on its pack's size.
         """
         t = self.theta if theta is None else theta
+        if t.shape[0] == 1:
+            JtJ, g = self.normal_equations(X, Y, _two(t), chunk_elems)
+            return JtJ[:1], g[:1]
         k, P = t.shape
         o = Y.shape[1]
         JtJ = torch.zeros(k, P, P, dtype=t.dtype, device=t.device)
@@ -253,11 +262,11 @@ class StudentPack:
             for j in range(h):  # σ'_j σ'_l for l ≥ j, written in place (gathers are slow here)
                 torch.mul(dz[:, j : j + 1], dz[:, j:], out=pairs[:, off : off + h - j])
                 off += h - j
-            R += (pairs.view(k * H2, nc) @ (xt[:, jd] * xt[:, ld])).view(k, H2, -1)
+            R.baddbmm_(pairs, (xt[:, jd] * xt[:, ld]).expand(k, nc, -1))
             DX = (dz[:, :, None, :] * xt.T.contiguous()[None, None]).view(k, pw, nc)  # rows of J_W
             T.baddbmm_(DX, u)
             U.baddbmm_(u.transpose(1, 2), u)
-            gW += torch.matmul(torch.matmul(r, A).transpose(1, 2) * dz, xt)  # Σ_n (Σ_o r_o A_oj) σ'_j x̃_m
+            gW.baddbmm_(torch.bmm(r, A).transpose(1, 2) * dz, xt.expand(k, nc, -1))  # Σ_n (Σ_o r_o A_oj) σ'_j x̃_m
             gA.baddbmm_(r.transpose(1, 2), u)
         # unpack the symmetric pair sums into the (j, m) × (l, m') weight block
         ph = torch.zeros(h, h, dtype=torch.long, device=t.device)
@@ -319,7 +328,7 @@ class StudentPack:
             "steps": np.asarray(self.steps),
             "seed": np.asarray(self.seed),
             "restarts": self.restarts,
-        }
+        } | ({f"lm_{k}": v for k, v in self.lm_run.items()} if self.lm_run is not None else {})
 
     @classmethod
     def from_state(
@@ -340,7 +349,16 @@ class StudentPack:
         pack.steps = int(state["steps"])
         pack.seed = int(state["seed"])
         pack.restarts = state["restarts"].astype(np.int64)
+        if "lm_start" in state:
+            pack.lm_run = {k: state[f"lm_{k}"] for k in ("start", "window", "since")}
         return pack
+
+
+def _two(theta: torch.Tensor) -> torch.Tensor:
+    """One student's parameters twice: batched GEMMs round the same for every batch of ≥ 2, but
+    a batch of one takes another kernel (gemv) — so a student's training path, and the recovered
+    network, would depend on how the students were split into packs and actors."""
+    return theta.expand(2, -1)
 
 
 def _init_row(widths: list[int], seed: int, sid: int, attempt: int, bias_std: float) -> np.ndarray:
@@ -384,12 +402,15 @@ def fit_lm(
     each), then solves (JᵀJ + λ·D) δ = −Jᵀr by batched Cholesky — batched ``linalg.solve``
     hangs in MKL here (calibration.md) — and accepts δ per student when its loss drops.
     """
-    pack.rel_loss = pack.mse(X, Y).cpu().numpy()
-    window = [pack.rel_loss.copy()]  # losses of the last stall_window + 1 iterations
-    since = np.zeros(pack.k, dtype=np.int64)  # iteration at which each student's current start began
-    _update_status(pack, opts, window, since, 0)
-    pack.record()
-    start = pack.steps
+    if pack.lm_run is None:
+        pack.rel_loss = pack.mse(X, Y).cpu().numpy()
+        window = [pack.rel_loss.copy()]  # losses of the last stall_window + 1 iterations
+        since = np.zeros(pack.k, dtype=np.int64)  # iteration at which each student's current start began
+        _update_status(pack, opts, window, since, 0)
+        pack.record()
+        start = pack.steps
+    else:  # resuming from a checkpoint: carry on exactly where the run was
+        start, window, since = int(pack.lm_run["start"]), list(pack.lm_run["window"]), pack.lm_run["since"].copy()
     while pack.steps - start < opts.max_iter:
         active = np.flatnonzero(pack.status == ACTIVE)
         if active.size == 0:
@@ -440,8 +461,10 @@ def fit_lm(
             pack.rel_loss[stuck] = pack.mse(X, Y, pack.theta[torch.as_tensor(stuck, device=pack.theta.device)]).cpu().numpy()
             since[stuck] = it
         pack.record()
+        pack.lm_run = {"start": np.asarray(start), "window": np.stack(window), "since": since.copy()}
         if progress is not None:
             progress("lm", it, opts.max_iter, pack.rel_loss)
+    pack.lm_run = None  # finished: a later fit_lm call starts a run of its own
     return pack
 
 

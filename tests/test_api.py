@@ -24,7 +24,7 @@ def queries():
 
 def config(**changes):
     # threads=1: the test machine's two cores are shared; one thread is also fastest at this size
-    return ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0, threads=1).replace(**changes)
+    return ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0, threads=1, backend="local").replace(**changes)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 import ecdist
 from ecdist.cli import angle, main
 
-TINY = ["--gaussian", "500", "--student-widths", "8", "--n-students", "8", "--threads", "1"]
+TINY = ["--gaussian", "500", "--student-widths", "8", "--n-students", "8", "--threads", "1", "--backend", "local"]
 ORACLE = '''
 import ecdist
 

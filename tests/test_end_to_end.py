@@ -19,6 +19,12 @@ from ecdist import activations
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _on_ray(ray_local):
+    """These recoveries run with backend "auto", so their packs train on the module's local Ray."""
+    yield
+
 CASES = [  # activation, query std
     ("g", 1.0),
     ("tanh", 1.0),

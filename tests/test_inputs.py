@@ -489,6 +489,7 @@ BAD_VALUES = [
     ("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("max_epochs", -5),
     ("patience", -1), ("cooldown", -1), ("min_lr", 0.0), ("finish_lm", 1), ("finish_lm", "yes"),
     ("finetune_iter", -1), ("prune", None), ("fallback", "no"), ("pack_size", -1), ("threads", -2),
+    ("cpus_per_pack", 0), ("gpus_per_pack", -0.5), ("actor_restarts", 1.5),
 ]
 
 
@@ -508,7 +509,8 @@ def test_every_field_has_a_checked_bad_value():
 @pytest.mark.parametrize(
     "field,value",
     [("gamma", 1), ("beta", math.pi / 2), ("beta", 1e-9), ("drop", 0.0), ("student_tol", 0.0), ("min_separation", 1),
-     ("lm_max_iter", 0), ("pack_size", 0), ("threads", 0), ("dtype", "float32"), ("cluster_rule", "reference")],
+     ("lm_max_iter", 0), ("pack_size", 0), ("threads", 0), ("dtype", "float32"), ("cluster_rule", "reference"),
+     ("backend", "ray"), ("gpus_per_pack", 0.25), ("actor_restarts", 0)],
 )
 def test_config_accepts_boundary_values(field, value):
     c = Config(**{"activation": "tanh", "student_widths": [8], field: value})
@@ -586,6 +588,10 @@ def test_config_fingerprint():
     changed = {a.replace(seed=2).fingerprint(), a.replace(gamma=0.6).fingerprint(),
                a.replace(student_widths=[9]).fingerprint(), a.replace(activation="relu").fingerprint()}
     assert a.fingerprint() not in changed and len(changed) == 4
+    # where a run executes is not part of its identity: a run can be resumed elsewhere
+    elsewhere = a.replace(backend="ray", threads=1, pack_size=3, cpus_per_pack=2, gpus_per_pack=0.5, actor_restarts=0)
+    assert elsewhere.fingerprint() == a.fingerprint()
+    assert a.replace(device="cpu").fingerprint() != a.fingerprint()  # a device changes the arithmetic
 
 
 def test_config_replace_validates():

@@ -33,7 +33,7 @@ def queries():
 
 def config(**changes):
     # threads=1: the test machine's two cores are shared; one thread is also fastest at this size
-    return ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0, threads=1).replace(**changes)
+    return ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=0, threads=1, backend="local").replace(**changes)
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,9 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_continues_a_killed_run(tmp_path):
+def test_resume_continues_a_killed_run(tmp_path, run):
+    """Killed after step 13, resumed from the checkpoint of step 10: the same students and
+    network as the uninterrupted run, bit for bit (the LM run's state is in the checkpoint)."""
     folder = tmp_path / "run"
 
     def kill_at_13(event, info):
@@ -320,8 +322,12 @@ def test_resume_continues_a_killed_run(tmp_path):
     result = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
     steps = [i["step"] for e, i in events if e == "train" and "step" in i]
     total = result.students.column("steps")[0].as_py()
-    assert steps[0] == 1 and len(steps) == total - 10  # picked up at step 10, not from scratch
+    assert steps == list(range(11, total + 1))  # picked up after step 10, not from scratch
     assert result.layer_sizes == [2]
+    original = run[1]
+    assert result.students.equals(original.students)
+    assert np.array_equal(result.history, original.history)
+    assert_same_network(result.network, original.network)
     rep = ecdist.compare(result.network, teacher(), "tanh", X=ecdist.queries.gaussian(1000, 10, seed=2))
     assert rep.max_weight_distance[0] < 1e-6
     assert ecdist.load(folder).layer_sizes == [2]
