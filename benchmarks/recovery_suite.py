@@ -190,7 +190,8 @@ def run_one(t: dict[str, Any], rho: int, threads: int, with_rules: bool) -> dict
     n = n_queries(t)
     X = ecdist.queries.gaussian(n, d, seed=seed + 1000)
     X_test = ecdist.queries.gaussian(N_TEST, d, seed=seed + 2000)
-    cfg = ecdist.Config(activation=act, student_widths=[rho * r], n_students=N_STUDENTS, seed=seed, threads=threads)
+    cfg = ecdist.Config(activation=act, student_widths=[rho * r], n_students=N_STUDENTS, seed=seed, threads=threads,
+                        backend="local")  # one process per teacher, its threads pinned (see --threads)
     t0 = time.perf_counter()
     res = ecdist.recover(teacher, X, cfg)
     wall = time.perf_counter() - t0
