@@ -12,7 +12,7 @@ students are the teacher's.
 >>> result.layer_sizes                                    # doctest: +SKIP
 [8]
 """
-from . import cluster, queries, teachers
+from . import cluster, datasets, queries, teachers
 from .config import Config
 from .errors import ConfigError, EcdistError, QueryError, RunFolderError, TeacherError
 from .metrics import Comparison, compare
@@ -32,6 +32,7 @@ __all__ = [
     "TeacherError",
     "cluster",
     "compare",
+    "datasets",
     "load",
     "queries",
     "recluster",
