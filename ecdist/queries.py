@@ -1,7 +1,8 @@
 """Query sets: the inputs X on which the teacher is asked, and their standardisation.
 
-Generators take a seed and return float64 arrays (n, d_in); files are ``.npy`` or Parquet
-(one numeric column per input, or one list column holding each row).
+Generators take a seed and return float64 arrays (n, d_in); ``input_mask`` finds the inputs
+that never vary. Files are ``.npy`` or
+Parquet (one numeric column per input, or one list column holding each row).
 """
 from __future__ import annotations
 
@@ -120,3 +121,35 @@ class Standardizer:
 def _check_size(n: int, d: int) -> None:
     if not (isinstance(n, (int, np.integer)) and n >= 1 and isinstance(d, (int, np.integer)) and d >= 1):
         raise QueryError(f"query generators need n >= 1 queries of d >= 1 inputs, got n={n!r}, d={d!r}")
+
+
+# ----- inputs that never vary ------------------------------------------------------------------
+def constant_inputs(X: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """(d,) bool: True for the inputs whose values in X span at most ``tol`` (max − min).
+
+    Such inputs (the border pixels of the digits, always 0) carry no information, and the
+    first-layer weights on them are unconstrained by the queries — every student sets them
+    differently, so they blur the clustering unless they are masked.
+
+    >>> constant_inputs(np.array([[0.0, 1.0, 5.0], [0.0, 2.0, 5.0]])).tolist()
+    [True, False, True]
+    """
+    X = validate(X)
+    if not (isinstance(tol, (int, float, np.floating)) and tol >= 0):
+        raise QueryError(f"tol must be a number >= 0, got {tol!r}")
+    return np.ptp(X, axis=0) <= tol
+
+
+def input_mask(X: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """(d,) bool: True for the inputs that vary in X, the ones recovery can work on.
+
+    The data-driven analogue of the authors' Boruta mask (which kept 452 of MNIST's 784 pixels):
+    ``teachers.masked(teacher, mask, fill)`` restricts a teacher to these inputs, and
+    ``X[:, mask]`` the queries. The weights on the masked inputs are not identifiable from
+    queries that hold them fixed: only their sum with the bias, Σ w_i·fill_i + b, is.
+
+    >>> input_mask(np.array([[0.0, 1.0, 5.0], [0.0, 2.0, 5.0]])).tolist()
+    [False, True, False]
+    """
+    return ~constant_inputs(X, tol)
+

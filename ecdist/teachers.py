@@ -341,3 +341,111 @@ def _check_widths(widths: Sequence[int], data: Dataset) -> list[int]:
         )
     return widths
 
+
+# ----- restricting a teacher to the inputs that vary ------------------------------------------------
+def masked(teacher: Teacher, mask: np.ndarray, fill: np.ndarray) -> Teacher:
+    """The teacher as a function of the kept inputs only: x[mask] ↦ teacher(x), with the other
+    inputs held at ``fill``.
+
+    mask: (d_in,) bool, True for the inputs kept (``queries.input_mask``); fill: the values of
+    the masked inputs, (d_in,) (entries under the mask ignored, e.g. ``X.mean(axis=0)``) or
+    (d_in − kept,). Recovery then works on the varying inputs only. For an ``MLP`` the result
+    is an ``MLP`` again, exact: the first layer keeps the columns of the kept inputs and its bias
+    absorbs W_masked·fill (likewise the skip path into the output bias), so ``compare`` reads
+    its neurons. That absorbed bias is what queries with fixed masked inputs can identify; the
+    first-layer weights on masked inputs are not identifiable and a recovered network has none.
+    Any other teacher is wrapped: it is called on the rows filled back to d_in inputs.
+
+    Example:
+        >>> t = random_mlp([3, 2, 1], "tanh", seed=0)
+        >>> tm = masked(t, np.array([True, False, True]), fill=np.array([0.0, 5.0, 0.0]))
+        >>> tm.widths
+        [2, 2, 1]
+        >>> bool(np.allclose(tm.predict([[1.0, 2.0]]), t.predict([[1.0, 5.0, 2.0]])))
+        True
+    """
+    d_in = teacher.widths[0] if isinstance(teacher, MLP) else None
+    mask, fill_all = _check_mask(mask, fill, d_in)
+    if not isinstance(teacher, MLP):
+        return FilledTeacher(teacher, mask, fill_all)
+    W = [lin.weight.detach().cpu().double().numpy() for lin in teacher.layers]
+    b = [lin.bias.detach().cpu().double().numpy() for lin in teacher.layers]
+    drop = ~mask
+    b[0] = b[0] + W[0][:, drop] @ fill_all[drop]
+    W[0] = W[0][:, mask]
+    skip = None
+    if teacher.skip is not None:
+        S = teacher.skip.weight.detach().cpu().double().numpy()
+        b[-1] = b[-1] + S[:, drop] @ fill_all[drop]
+        skip = S[:, mask]
+    return from_layers(W, b, teacher.activation, skip=skip)
+
+
+def expand_inputs(network: MLP, mask: np.ndarray) -> MLP:
+    """A network on the kept inputs (``masked``, or one recovered from it) as one on all d_in
+    inputs, with zero weights from the masked ones.
+
+    It equals the original teacher wherever the masked inputs are at their ``fill`` values,
+    since ``masked`` moved their contribution into the biases.
+
+    Example:
+        >>> t = random_mlp([3, 2, 1], "tanh", seed=0)
+        >>> expand_inputs(masked(t, np.array([True, False, True]), np.zeros(3)), np.array([True, False, True])).widths
+        [3, 2, 1]
+    """
+    mask, _ = _check_mask(mask, None, None)
+    if int(mask.sum()) != network.widths[0]:
+        raise TeacherError(
+            f"the mask keeps {int(mask.sum())} inputs but the network has {network.widths[0]}; "
+            "pass the mask the network was restricted with"
+        )
+    W = [lin.weight.detach().cpu().double().numpy() for lin in network.layers]
+    b = [lin.bias.detach().cpu().double().numpy() for lin in network.layers]
+    full = np.zeros((W[0].shape[0], mask.size))
+    full[:, mask] = W[0]
+    skip = None
+    if network.skip is not None:
+        skip = np.zeros((network.widths[-1], mask.size))
+        skip[:, mask] = network.skip.weight.detach().cpu().double().numpy()
+    return from_layers([full, *W[1:]], b, network.activation, skip=skip)
+
+
+class FilledTeacher:
+    """A black-box teacher called on reduced inputs: fills the masked inputs, then asks it."""
+
+    def __init__(self, teacher: Teacher, mask: np.ndarray, fill: np.ndarray) -> None:
+        self.teacher, self.mask, self.fill = teacher, mask, fill
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != int(self.mask.sum()):
+            raise TeacherError(
+                f"this masked teacher takes (n, {int(self.mask.sum())}) inputs, got shape {X.shape}"
+            )
+        full = np.tile(self.fill, (X.shape[0], 1))
+        full[:, self.mask] = X
+        return query(self.teacher, full)
+
+
+def _check_mask(mask: np.ndarray, fill: np.ndarray | None, d_in: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """mask as (d,) bool with at least one kept input; fill as (d,) float64 (zeros under the mask)."""
+    m = np.asarray(mask)
+    if m.ndim != 1 or m.dtype != bool:
+        raise TeacherError(f"mask must be a 1-D boolean array (True: input kept), got {m.dtype} of shape {m.shape}")
+    if d_in is not None and m.size != d_in:
+        raise TeacherError(f"the mask has {m.size} entries but the teacher has {d_in} inputs")
+    if not m.any():
+        raise TeacherError("the mask keeps no input; it must keep at least one (True: input kept)")
+    full = np.zeros(m.size)
+    if fill is not None:
+        f = np.asarray(fill, dtype=np.float64)
+        n_drop = int((~m).sum())
+        if f.ndim != 1 or f.size not in (m.size, n_drop):
+            raise TeacherError(
+                f"fill must hold a value for every input ({m.size}) or for every masked input ({n_drop}), "
+                f"got shape {f.shape}"
+            )
+        if not np.isfinite(f).all():
+            raise TeacherError("fill has NaN or infinite values")
+        full[~m] = f[~m] if f.size == m.size else f
+    return m, full

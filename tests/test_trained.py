@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import ecdist
-from ecdist import ConfigError
+from ecdist import ConfigError, QueryError, TeacherError, queries
 from ecdist.datasets import load_dataset
-from ecdist.network import MLP
-from ecdist.teachers import TrainedTeacher, train_on
+from ecdist.network import MLP, from_layers
+from ecdist.teachers import TrainedTeacher, expand_inputs, masked, train_on
 
 DIGITS_CONSTANT_PIXELS = [0, 32, 39]  # always 0 in all 1,797 images of load_digits
 
@@ -124,4 +124,89 @@ def test_train_on_widths_must_fit_the_data(widths, match):
 def test_train_on_bad_arguments(kw, match):
     with pytest.raises(ConfigError, match=match):
         train_on("digits", [64, 4, 10], **kw)
+
+
+# ----- the input mask and masked teachers ------------------------------------------------------------
+def test_mask_finds_exactly_the_constant_pixels_of_digits(digits):
+    X = np.vstack([digits.X_train, digits.X_test])
+    mask = queries.input_mask(X)
+    assert np.flatnonzero(~mask).tolist() == DIGITS_CONSTANT_PIXELS
+    np.testing.assert_array_equal(queries.constant_inputs(X), np.ptp(X, axis=0) == 0)
+    train_mask = queries.input_mask(digits.X_train)
+    np.testing.assert_array_equal(train_mask, np.ptp(X[: len(digits.X_train)], axis=0) > 0)
+    assert not train_mask[DIGITS_CONSTANT_PIXELS].any()
+
+
+def test_constant_inputs_tolerance():
+    X = np.array([[0.0, 1.0, 3.0], [1e-9, 2.0, 3.0], [0.0, 0.0, 3.0]])
+    assert queries.constant_inputs(X).tolist() == [False, False, True]
+    assert queries.constant_inputs(X, tol=1e-8).tolist() == [True, False, True]
+    with pytest.raises(QueryError, match="tol"):
+        queries.constant_inputs(X, tol=-1)
+    with pytest.raises(QueryError, match="2-D"):
+        queries.input_mask(np.zeros(3))
+
+
+def test_masked_teacher_equals_the_full_teacher_on_filled_inputs(digits_teacher):
+    t = digits_teacher
+    mask = queries.input_mask(t.X_train)
+    fill = t.X_train[0]
+    tm = masked(t, mask, fill)
+    assert type(tm) is MLP and tm.widths == [61, 16, 10] and tm.activation == "tanh"
+    np.testing.assert_array_equal(tm.layers[0].weight.detach().numpy(), t.layers[0].weight.detach().numpy()[:, mask])
+    np.testing.assert_allclose(tm.predict(t.X_train[:, mask]), t.predict(t.X_train), rtol=1e-12, atol=1e-12)
+    Z = queries.gaussian(200, 61, seed=0)  # anywhere, with the masked inputs at fill
+    full = np.tile(fill, (200, 1))
+    full[:, mask] = Z
+    np.testing.assert_allclose(tm.predict(Z), t.predict(full), rtol=1e-12, atol=1e-12)
+    short = masked(t, mask, fill[~mask])  # fill may hold only the masked inputs' values
+    np.testing.assert_array_equal(short.predict(Z), tm.predict(Z))
+
+
+def test_masked_teacher_with_a_skip_path():
+    rng = np.random.default_rng(0)
+    t = from_layers([rng.standard_normal((3, 5)), rng.standard_normal((2, 3))], [rng.standard_normal(3),
+                    rng.standard_normal(2)], "softplus", skip=rng.standard_normal((2, 5)))
+    mask, fill = np.array([True, False, True, False, True]), np.array([0.0, 2.0, 0.0, -1.0, 0.0])
+    tm = masked(t, mask, fill)
+    Z = queries.gaussian(20, 3, seed=1)
+    full = np.tile(fill, (20, 1))
+    full[:, mask] = Z
+    assert tm.skip is not None
+    np.testing.assert_allclose(tm.predict(Z), t.predict(full), rtol=1e-12, atol=1e-12)
+
+
+def test_masked_black_box(digits_teacher):
+    t = digits_teacher
+    mask = queries.input_mask(t.X_train)
+    box = masked(lambda x: t.predict(x), mask, t.X_train[0])
+    np.testing.assert_allclose(ecdist.teachers.query(box, t.X_train[:50, mask]), t.predict(t.X_train[:50]), atol=1e-12)
+    with pytest.raises(TeacherError, match="takes \\(n, 61\\) inputs"):
+        ecdist.teachers.query(box, t.X_train[:5])
+
+
+def test_expand_inputs_undoes_masking(digits_teacher):
+    t = digits_teacher
+    mask = queries.input_mask(t.X_train)
+    back = expand_inputs(masked(t, mask, t.X_train[0]), mask)
+    assert back.widths == [64, 16, 10]
+    assert not back.layers[0].weight.detach().numpy()[:, ~mask].any()
+    np.testing.assert_allclose(back.predict(t.X_test), t.predict(t.X_test), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TeacherError, match="keeps 64 inputs but the network has 61"):
+        expand_inputs(masked(t, mask, t.X_train[0]), np.ones(64, bool))
+
+
+@pytest.mark.parametrize(
+    "mask,fill,match",
+    [
+        (np.ones(64), np.zeros(64), "boolean"),
+        (np.ones(63, bool), np.zeros(63), "63 entries but the teacher has 64"),
+        (np.zeros(64, bool), np.zeros(64), "keeps no input"),
+        (np.arange(64) > 2, np.zeros(5), "fill must hold a value"),
+        (np.arange(64) > 2, np.full(64, np.nan), "NaN"),
+    ],
+)
+def test_masked_validates(digits_teacher, mask, fill, match):
+    with pytest.raises(TeacherError, match=match):
+        masked(digits_teacher, mask, fill)
 
