@@ -210,3 +210,143 @@ def test_masked_validates(digits_teacher, mask, fill, match):
     with pytest.raises(TeacherError, match=match):
         masked(digits_teacher, mask, fill)
 
+
+# ----- data-built query generators ------------------------------------------------------------------
+def test_signed_noise_statistics(digits):
+    X = digits.X_train
+    Q = queries.signed_noise(X, seed=0)
+    n = len(X)
+    assert Q.shape == (2 * n, 64) and Q.dtype == np.float64
+    up, down = Q[:n] - X, Q[n:] - X
+    assert up.min() >= 0 and up.max() <= 1 and down.min() >= -1 and down.max() <= 0
+    se = np.sqrt(1 / 12 / up.size)  # standard error of the mean of U[0, 1] noise
+    assert abs(up.mean() - 0.5) < 6 * se and abs(down.mean() + 0.5) < 6 * se
+    assert abs(up.var() - 1 / 12) < 0.002
+    half = queries.signed_noise(X, seed=0, scale=0.5)[:n] - X
+    assert half.max() <= 0.5 and abs(half.mean() - 0.25) < 6 * se
+
+
+def test_signed_noise_seeds():
+    X = queries.gaussian(10, 4, seed=0)
+    np.testing.assert_array_equal(queries.signed_noise(X, seed=1), queries.signed_noise(X, seed=1))
+    assert not np.array_equal(queries.signed_noise(X, seed=1), queries.signed_noise(X, seed=2))
+
+
+@pytest.mark.parametrize("X,kw,match", [(np.zeros(5), {}, "2-D"), (np.zeros((3, 2)), {"scale": 0}, "scale"),
+                                         (np.zeros((3, 2)), {"scale": np.inf}, "scale")])
+def test_signed_noise_errors(X, kw, match):
+    with pytest.raises(QueryError, match=match):
+        queries.signed_noise(X, **kw)
+
+
+def test_grid_composition_digits_quadrants(digits):
+    X = digits.X_train
+    Q, src = queries.grid_composition(X, 500, seed=0, shape=(8, 8), grid=2, return_sources=True)
+    assert Q.shape == (500, 64) and src.shape == (500, 4) and Q.dtype == np.float64
+    assert all(len(set(row)) == 4 for row in src.tolist())  # four different images
+    images, comp = X.reshape(-1, 8, 8), Q.reshape(-1, 8, 8)
+    for c, (rows, cols) in enumerate([(slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)),
+                                      (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8))]):
+        np.testing.assert_array_equal(comp[:, rows, cols], images[src[:, c], rows, cols])
+    # without the sources: every quadrant of a query is that quadrant of some image
+    quads = images.reshape(-1, 2, 4, 2, 4)
+    for q in comp[:20].reshape(-1, 2, 4, 2, 4):
+        for i in range(2):
+            for j in range(2):
+                assert (quads[:, i, :, j, :] == q[i, :, j, :]).all(axis=(1, 2)).any()
+    assert not queries.input_mask(Q)[DIGITS_CONSTANT_PIXELS].any()  # constant pixels stay constant
+
+
+def test_grid_composition_one_dimensional_segments():
+    X = np.arange(40.0)[None, :] + 100 * np.arange(30.0)[:, None]  # row i: 100·i + position
+    Q, src = queries.grid_composition(X, 50, seed=1, grid=4, return_sources=True)
+    np.testing.assert_array_equal(Q % 100, np.tile(np.arange(40.0), (50, 1)))  # every value at its position
+    np.testing.assert_array_equal(Q // 100, np.repeat(src, 10, axis=1))  # segments of 10 from the sources
+    uneven = queries.grid_composition(np.arange(25.0).reshape(5, 5), 10, seed=0, grid=2, return_sources=True)
+    np.testing.assert_array_equal(uneven[0] // 5, np.repeat(uneven[1], [2, 3], axis=1))  # cut at ⌊5/2⌋
+
+
+def test_grid_composition_seeds(digits):
+    a = queries.grid_composition(digits.X_train, 30, seed=5, shape=(8, 8))
+    np.testing.assert_array_equal(a, queries.grid_composition(digits.X_train, 30, seed=5, shape=(8, 8)))
+    assert not np.array_equal(a, queries.grid_composition(digits.X_train, 30, seed=6, shape=(8, 8)))
+    few = queries.grid_composition(np.arange(16.0).reshape(4, 4), 20, seed=0, grid=4, return_sources=True)[1]
+    assert (np.sort(few, axis=1) == np.arange(4)).all()  # as many images as cells: each used once
+
+
+@pytest.mark.parametrize(
+    "X,kw,match",
+    [
+        (np.zeros((10, 64)), {"shape": (8, 7)}, "cannot be read as images of shape"),
+        (np.zeros((10, 64)), {"shape": (8, 8), "grid": 9}, "cells per axis"),
+        (np.zeros((10, 64)), {"shape": (8, 8), "grid": (2, 2, 2)}, "cells per axis"),
+        (np.zeros((10, 64)), {"shape": (8, 8), "grid": 1}, "at least 2 cells"),
+        (np.zeros((3, 64)), {"shape": (8, 8), "grid": 2}, "4 distinct images, got 3"),
+        (np.zeros((10, 64)), {"n": 0}, "n >= 1"),
+        (np.zeros(64), {}, "2-D"),
+    ],
+)
+def test_grid_composition_errors(X, kw, match):
+    kw = {"n": 5, **kw}
+    with pytest.raises(QueryError, match=match):
+        queries.grid_composition(X, **kw)
+
+
+def test_gaussian_like_matches_mean_and_covariance(digits):
+    X = digits.X_train
+    G = queries.gaussian_like(X, 100_000, seed=0)
+    assert G.shape == (100_000, 64) and G.dtype == np.float64
+    const = queries.constant_inputs(X)
+    np.testing.assert_array_equal(G[:, const], np.tile(X[0, const], (len(G), 1)))  # exactly constant
+    cov = np.cov(X, rowvar=False)
+    se = np.sqrt(np.diag(cov) / len(G))
+    assert (np.abs(G.mean(axis=0) - X.mean(axis=0)) <= 5 * se + 1e-12).all()
+    # sample covariance error ~ √(2/n)·scale ≈ 0.5% of the variances
+    assert np.abs(np.cov(G, rowvar=False) - cov).max() < 0.03 * np.diag(cov).max()
+
+
+def test_gaussian_like_singular_covariance():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((5, 10)) @ rng.standard_normal((10, 10))  # rank 5 < 10 inputs
+    X[:, 3] = 2 * X[:, 0] - X[:, 1]  # and collinear
+    G = queries.gaussian_like(X, 2000, seed=1)
+    assert np.isfinite(G).all()
+    assert np.linalg.matrix_rank(G - X.mean(axis=0), tol=1e-8) == 4  # in the span of the centred data
+    np.testing.assert_allclose(G[:, 3], 2 * G[:, 0] - G[:, 1], atol=1e-9)
+
+
+def test_gaussian_like_seeds_and_errors():
+    X = queries.gaussian(50, 3, seed=0)
+    np.testing.assert_array_equal(queries.gaussian_like(X, 10, seed=1), queries.gaussian_like(X, 10, seed=1))
+    assert not np.array_equal(queries.gaussian_like(X, 10, seed=1), queries.gaussian_like(X, 10, seed=2))
+    np.testing.assert_array_equal(queries.gaussian_like(np.ones((4, 2)), 3), np.ones((3, 2)))  # all constant
+    with pytest.raises(QueryError, match="at least 2 rows"):
+        queries.gaussian_like(X[:1], 10)
+    with pytest.raises(QueryError, match="n >= 1"):
+        queries.gaussian_like(X, 0)
+    with pytest.raises(QueryError, match="2-D"):
+        queries.gaussian_like(X[0], 10)
+
+
+# ----- end to end -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_recover_a_trained_digits_teacher_from_noise_queries():
+    """digits 64-4-10 tanh → mask the 3 constant pixels → 500 images ± one-signed noise → width 4.
+
+    About a minute on 2 busy cores (students: 8 × 12, Levenberg–Marquardt on 1,500 queries).
+    """
+    t = train_on("digits", [64, 4, 10], "tanh", seed=0)
+    assert t.test_accuracy > 0.85
+    mask = queries.input_mask(t.X_train)
+    tm = masked(t, mask, t.X_train[0])
+    X = t.X_train[:500]
+    Q = np.vstack([X, queries.signed_noise(X, seed=1)])[:, mask]
+    config = ecdist.Config(activation="tanh", student_widths=[12], n_students=8, seed=0)
+    result = ecdist.recover(tm, Q, config)
+    assert result.layer_sizes == [4]
+    X_test = np.vstack([t.X_test, queries.signed_noise(t.X_test, seed=2)])[:, mask]
+    report = ecdist.compare(result.network, tm, "tanh", X=X_test)
+    assert report.teacher_sizes == [4] and max(report.max_weight_distance) < 1e-6
+    assert report.functional_mse < 1e-10
+    full = expand_inputs(result.network, mask)  # back on all 64 pixels: the teacher's function on the data
+    np.testing.assert_allclose(full.predict(t.X_test), t.predict(t.X_test), rtol=1e-6, atol=1e-6)
