@@ -20,7 +20,7 @@ import os
 # user set is kept. Ray pack actors get it through their runtime_env (ecdist.distributed).
 os.environ.setdefault("MKL_CBWR", "AVX2")
 
-from . import cluster, queries, teachers  # noqa: E402
+from . import cluster, datasets, queries, teachers  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import ConfigError, EcdistError, QueryError, RunFolderError, TeacherError  # noqa: E402
 from .metrics import Comparison, compare  # noqa: E402
@@ -40,6 +40,7 @@ __all__ = [
     "TeacherError",
     "cluster",
     "compare",
+    "datasets",
     "load",
     "queries",
     "recluster",

@@ -1,10 +1,14 @@
 """Query sets: the inputs X on which the teacher is asked, and their standardisation.
 
-Generators take a seed and return float64 arrays (n, d_in); files are ``.npy`` or Parquet
-(one numeric column per input, or one list column holding each row).
+Generators take a seed and return float64 arrays (n, d_in): synthetic ones (``gaussian``,
+``uniform``) and ones built from data (``signed_noise``, ``grid_composition``,
+``gaussian_like``); ``input_mask`` finds the inputs that never vary. Files are ``.npy`` or
+Parquet (one numeric column per input, or one list column holding each row).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +124,145 @@ class Standardizer:
 def _check_size(n: int, d: int) -> None:
     if not (isinstance(n, (int, np.integer)) and n >= 1 and isinstance(d, (int, np.integer)) and d >= 1):
         raise QueryError(f"query generators need n >= 1 queries of d >= 1 inputs, got n={n!r}, d={d!r}")
+
+
+# ----- inputs that never vary ------------------------------------------------------------------
+def constant_inputs(X: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """(d,) bool: True for the inputs whose values in X span at most ``tol`` (max − min).
+
+    Such inputs (the border pixels of the digits, always 0) carry no information, and the
+    first-layer weights on them are unconstrained by the queries — every student sets them
+    differently, so they blur the clustering unless they are masked.
+
+    >>> constant_inputs(np.array([[0.0, 1.0, 5.0], [0.0, 2.0, 5.0]])).tolist()
+    [True, False, True]
+    """
+    X = validate(X)
+    if not (isinstance(tol, (int, float, np.floating)) and tol >= 0):
+        raise QueryError(f"tol must be a number >= 0, got {tol!r}")
+    return np.ptp(X, axis=0) <= tol
+
+
+def input_mask(X: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """(d,) bool: True for the inputs that vary in X, the ones recovery can work on.
+
+    The data-driven analogue of the authors' Boruta mask (which kept 452 of MNIST's 784 pixels):
+    ``teachers.masked(teacher, mask, fill)`` restricts a teacher to these inputs, and
+    ``X[:, mask]`` the queries. The weights on the masked inputs are not identifiable from
+    queries that hold them fixed: only their sum with the bias, Σ w_i·fill_i + b, is.
+
+    >>> input_mask(np.array([[0.0, 1.0, 5.0], [0.0, 2.0, 5.0]])).tolist()
+    [False, True, False]
+    """
+    return ~constant_inputs(X, tol)
+
+
+# ----- queries built from data (arXiv 2511.20312 and a Gaussian fit) ------------------------------
+def signed_noise(X: np.ndarray, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    """One-signed uniform noise on every row of X: (2n, d), X + U[0, s] then X + U[−s, 0].
+
+    The follow-up paper's "MNIST ± η[0,1]" queries (Beiser, Martinelli et al., arXiv 2511.20312):
+    in normalised pixel units, with the data set itself they let students match the teacher far
+    beyond the data (symmetric noise does much worse). Statistics: rows 0..n−1 are X plus i.i.d.
+    noise of mean +s/2, variance s²/12, each entry in [x, x + s]; rows n..2n−1 the same with
+    −s/2 and [x − s, x]. Constant inputs become varying: either query the full teacher on these
+    rows, or drop the masked columns (``Q[:, mask]``) and query the masked teacher.
+    ``np.vstack([X, signed_noise(X)])`` is the paper's query set.
+
+    >>> signed_noise(np.zeros((2, 3)), seed=0).shape
+    (4, 3)
+    """
+    X = validate(X)
+    if not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
+        raise QueryError(f"scale must be a finite number > 0, got {scale!r}")
+    noise = np.random.default_rng(seed).uniform(0.0, scale, size=(2,) + X.shape)
+    return np.concatenate([X + noise[0], X - noise[1]])
+
+
+def grid_composition(
+    X: np.ndarray,
+    n: int,
+    seed: int = 0,
+    shape: Sequence[int] | None = None,
+    grid: int | Sequence[int] = 2,
+    return_sources: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """n mosaics: each row of X read as an image of ``shape``, cut into a ``grid`` of cells, and
+    every cell of a query taken from a different random image, at the cell's own position.
+
+    The follow-up paper's grid composition (3×3 crops of MNIST images): new inputs that excite
+    the hidden units in combinations the data never shows. shape: None reads rows as 1-D signals
+    (MNIST-1D: ``grid=4`` joins 4 segments of 10 from 4 signals); digits: ``shape=(8, 8),
+    grid=2`` gives four 4×4 quadrants. Cells split an axis as evenly as possible. Statistics:
+    every input keeps its marginal distribution in the data (constant inputs stay constant, so
+    an ``input_mask`` of X still applies); inside a cell the data's correlations remain, across
+    cells the parts are independent. return_sources: also the (n, cells) indices into X of
+    each query's cells, cells in row-major order.
+
+    >>> grid_composition(np.arange(64.0).reshape(4, 16), 3, seed=0, shape=(4, 4)).shape
+    (3, 16)
+    """
+    X = validate(X)
+    m, d = X.shape
+    _check_size(n, d)
+    shape = (d,) if shape is None else tuple(int(s) for s in shape)
+    if math.prod(shape) != d or min(shape) < 1:
+        raise QueryError(f"grid_composition: rows of {d} inputs cannot be read as images of shape {shape}")
+    grid_t = (grid,) * len(shape) if isinstance(grid, (int, np.integer)) else tuple(grid)
+    fits = all(isinstance(g, (int, np.integer)) and 1 <= g <= s for g, s in zip(grid_t, shape))
+    if len(grid_t) != len(shape) or not fits:
+        raise QueryError(
+            f"grid_composition: grid {grid!r} must give 1..size cells per axis of shape {shape}, "
+            f"e.g. grid=2 or grid={tuple(min(2, s) for s in shape)}"
+        )
+    n_cells = math.prod(grid_t)
+    if n_cells < 2 or m < n_cells:
+        raise QueryError(
+            f"grid_composition: a grid of {n_cells} cells needs at least 2 cells and {n_cells} distinct images, "
+            f"got {m}; use a finer grid or more images"
+        )
+    # cell of every input: per axis, cuts at ⌊i·size/g⌋
+    axes = [np.searchsorted([i * s // g for i in range(1, g)], np.arange(s), side="right")
+            for s, g in zip(shape, grid_t)]
+    cell = np.ravel_multi_index(np.meshgrid(*axes, indexing="ij"), grid_t).reshape(-1)
+    rng = np.random.default_rng(seed)
+    sources = rng.integers(0, m, size=(n, n_cells))
+    while True:  # redraw the rows that picked an image twice
+        srt = np.sort(sources, axis=1)
+        bad = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+        if bad.size == 0:
+            break
+        sources[bad] = rng.integers(0, m, size=(bad.size, n_cells))
+    Q = X[sources[:, cell], np.arange(d)[None, :]]
+    return (Q, sources) if return_sources else Q
+
+
+def gaussian_like(X: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """n Gaussian queries with X's mean and covariance: (n, d).
+
+    Inputs shaped like the data's second-order statistics but with none of its structure: a
+    control between Gaussian noise and the data itself. The covariance (ddof 1) is factored by
+    eigen-decomposition, eigenvalues at rounding level (below λ_max·d·ε, as ``matrix_rank``) or
+    negative set to zero, so a singular covariance (fewer rows than inputs, collinear inputs)
+    is fine and the queries stay in the data's affine span; inputs constant in X are set to
+    their value exactly and an ``input_mask`` of X still applies. Statistics: mean and covariance equal X's
+    up to sampling error (standard error √(Σ_ii/n) for the mean of input i).
+
+    >>> gaussian_like(np.random.default_rng(0).standard_normal((50, 3)), 4, seed=1).shape
+    (4, 3)
+    """
+    X = validate(X)
+    m, d = X.shape
+    _check_size(n, d)
+    if m < 2:
+        raise QueryError(f"gaussian_like needs at least 2 rows of X to estimate a covariance, got {m}")
+    vary = ~constant_inputs(X)
+    mean = X.mean(axis=0)
+    out = np.tile(X[0], (n, 1))  # constant inputs keep their exact value
+    if vary.any():
+        lam, V = np.linalg.eigh(np.cov(X[:, vary], rowvar=False).reshape(vary.sum(), vary.sum()))
+        lam[lam <= lam.max() * len(lam) * np.finfo(np.float64).eps] = 0.0  # rounding noise, not variance
+        root = V * np.sqrt(lam)  # cov = root rootᵀ
+        z = np.random.default_rng(seed).standard_normal((n, len(lam)))
+        out[:, vary] = mean[vary] + z @ root.T
+    return out

@@ -8,20 +8,28 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors: loading ne
 from __future__ import annotations
 
 import importlib
+import itertools
+import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import activations
-from .errors import TeacherError
-from .network import MLP, from_layers  # noqa: F401  (MLP is part of this module's API)
+from .errors import ConfigError, TeacherError
+from .network import MLP, from_layers
 
+if TYPE_CHECKING:
+    from .datasets import Dataset
+
+log = logging.getLogger(__name__)
 Teacher = Union[nn.Module, Callable[[np.ndarray], Any]]
 
 
@@ -180,3 +188,264 @@ def _call(teacher: Teacher, xb: np.ndarray) -> Any:
         return out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else out
     raise TeacherError(f"the teacher must be a torch module or a callable, got {type(teacher).__name__}")
 
+
+
+class TrainedTeacher(MLP):
+    """An ``MLP`` trained on a real data set, with that data set and its accuracy attached.
+
+    It is an ordinary teacher module (``recover``, ``compare`` and ``query`` take it as is); its
+    outputs are the logits. ``data`` holds the split it was trained on; ``X_train``… are
+    shortcuts, ``accuracy`` is the test accuracy.
+    """
+
+    def __init__(self, widths: Sequence[int], activation: str, data: Dataset) -> None:
+        super().__init__(widths, activation)
+        self.data = data
+        self.train_accuracy = float("nan")
+        self.test_accuracy = float("nan")
+        self.losses = np.zeros(0)  # mean training cross-entropy per epoch
+        self.train_seconds = float("nan")
+
+    @property
+    def dataset(self) -> str:
+        return self.data.name
+
+    @property
+    def X_train(self) -> np.ndarray:
+        return self.data.X_train
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return self.data.y_train
+
+    @property
+    def X_test(self) -> np.ndarray:
+        return self.data.X_test
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self.data.y_test
+
+    @property
+    def accuracy(self) -> float:
+        return self.test_accuracy
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Fraction of rows of X whose largest logit is the label y."""
+        return float(np.mean(self.predict(X).argmax(axis=1) == np.asarray(y)))
+
+
+def train_on(
+    dataset: str | Dataset,
+    widths: Sequence[int],
+    activation: str = "tanh",
+    seed: int = 0,
+    *,
+    epochs: int = 150,
+    lr: float = 1e-2,
+    batch_size: int = 128,
+    weight_decay: float = 0.1,
+    data_seed: int | None = None,
+) -> TrainedTeacher:
+    """A teacher ``widths = [d_in, h_1, …, n_classes]`` trained by cross-entropy on ``dataset``.
+
+    dataset: ``"digits"`` (64 inputs) or ``"mnist1d"`` (40 inputs), both 10 classes, or a
+    ``datasets.Dataset``; data_seed: its split/generation seed (None: the data set's default).
+    Training is float64 minibatch Adam with a cosine decay of ``lr`` to zero over ``epochs``
+    and decoupled weight decay (AdamW), which keeps the weights moderate so hidden units are
+    not saturated on the data — saturated units are hard to identify from queries. Weights
+    start LeCun-normal (std 1/√fan_in), biases at zero; initialisation and minibatch order
+    depend only on ``seed``, so the same call gives the same weights bit for bit.
+
+    Example:
+        >>> t = train_on("digits", [64, 4, 10], "tanh", seed=0, epochs=2)
+        >>> t.widths, t.X_train.shape
+        ([64, 4, 10], (1438, 64))
+    """
+    from .datasets import Dataset, load_dataset
+
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_seed)
+    widths = _check_widths(widths, data)
+    activations.get(activation)
+    for name, value, ok in (
+        ("epochs", epochs, isinstance(epochs, (int, np.integer)) and epochs >= 1),
+        ("batch_size", batch_size, isinstance(batch_size, (int, np.integer)) and batch_size >= 1),
+        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
+        ("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0),
+    ):
+        if not ok:
+            raise ConfigError(f"{name}: got {value!r}; expected a positive number (weight_decay may be 0)")
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((o, i)) / math.sqrt(i) for i, o in itertools.pairwise(widths)]
+    net = TrainedTeacher(widths, activation, data)
+    with torch.no_grad():
+        for lin, w in zip(net.layers, weights):
+            lin.weight.copy_(torch.as_tensor(w))
+            lin.bias.zero_()
+    X = torch.tensor(data.X_train, dtype=torch.float64)
+    y = torch.tensor(data.y_train, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(int(seed))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(X) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    losses = np.zeros(epochs)
+    t0 = time.perf_counter()
+    with _one_thread():
+        for epoch in range(epochs):
+            order = torch.randperm(len(X), generator=gen)
+            total = 0.0
+            for s in range(0, len(X), batch_size):
+                idx = order[s : s + batch_size]
+                loss = nn.functional.cross_entropy(net(X[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+            losses[epoch] = total / len(X)
+    net.train_seconds = time.perf_counter() - t0
+    net.losses = losses
+    net.train_accuracy = net.score(data.X_train, data.y_train)
+    net.test_accuracy = net.score(data.X_test, data.y_test)
+    log.info(
+        "trained %s teacher %s (%s): train accuracy %.3f, test %.3f, in %.1f s",
+        data.name, widths, activation, net.train_accuracy, net.test_accuracy, net.train_seconds,
+    )
+    return net.eval()
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small minibatches on one torch thread: with more, threading overhead (and, on shared
+    cores, oversubscription) makes each step 10× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_widths(widths: Sequence[int], data: Dataset) -> list[int]:
+    try:
+        widths = [int(w) for w in widths]
+    except (TypeError, ValueError):
+        raise ConfigError(f"widths: expected a list of integers, got {widths!r}") from None
+    if len(widths) < 3 or min(widths) < 1:
+        raise ConfigError(f"widths {widths}: need [d_in, h_1, ..., n_classes] with at least one hidden layer")
+    if widths[0] != data.d_in or widths[-1] != data.n_classes:
+        raise ConfigError(
+            f"widths {widths}: the {data.name} data set has {data.d_in} inputs and {data.n_classes} classes, "
+            f"so widths must start with {data.d_in} and end with {data.n_classes}, "
+            f"e.g. {[data.d_in, *widths[1:-1], data.n_classes]}"
+        )
+    return widths
+
+
+# ----- restricting a teacher to the inputs that vary ------------------------------------------------
+def masked(teacher: Teacher, mask: np.ndarray, fill: np.ndarray) -> Teacher:
+    """The teacher as a function of the kept inputs only: x[mask] ↦ teacher(x), with the other
+    inputs held at ``fill``.
+
+    mask: (d_in,) bool, True for the inputs kept (``queries.input_mask``); fill: the values of
+    the masked inputs, (d_in,) (entries under the mask ignored, e.g. ``X.mean(axis=0)``) or
+    (d_in − kept,). Recovery then works on the varying inputs only. For an ``MLP`` the result
+    is an ``MLP`` again, exact: the first layer keeps the columns of the kept inputs and its bias
+    absorbs W_masked·fill (likewise the skip path into the output bias), so ``compare`` reads
+    its neurons. That absorbed bias is what queries with fixed masked inputs can identify; the
+    first-layer weights on masked inputs are not identifiable and a recovered network has none.
+    Any other teacher is wrapped: it is called on the rows filled back to d_in inputs.
+
+    Example:
+        >>> t = random_mlp([3, 2, 1], "tanh", seed=0)
+        >>> tm = masked(t, np.array([True, False, True]), fill=np.array([0.0, 5.0, 0.0]))
+        >>> tm.widths
+        [2, 2, 1]
+        >>> bool(np.allclose(tm.predict([[1.0, 2.0]]), t.predict([[1.0, 5.0, 2.0]])))
+        True
+    """
+    d_in = teacher.widths[0] if isinstance(teacher, MLP) else None
+    mask, fill_all = _check_mask(mask, fill, d_in)
+    if not isinstance(teacher, MLP):
+        return FilledTeacher(teacher, mask, fill_all)
+    W = [lin.weight.detach().cpu().double().numpy() for lin in teacher.layers]
+    b = [lin.bias.detach().cpu().double().numpy() for lin in teacher.layers]
+    drop = ~mask
+    b[0] = b[0] + W[0][:, drop] @ fill_all[drop]
+    W[0] = W[0][:, mask]
+    skip = None
+    if teacher.skip is not None:
+        S = teacher.skip.weight.detach().cpu().double().numpy()
+        b[-1] = b[-1] + S[:, drop] @ fill_all[drop]
+        skip = S[:, mask]
+    return from_layers(W, b, teacher.activation, skip=skip)
+
+
+def expand_inputs(network: MLP, mask: np.ndarray) -> MLP:
+    """A network on the kept inputs (``masked``, or one recovered from it) as one on all d_in
+    inputs, with zero weights from the masked ones.
+
+    It equals the original teacher wherever the masked inputs are at their ``fill`` values,
+    since ``masked`` moved their contribution into the biases.
+
+    Example:
+        >>> t = random_mlp([3, 2, 1], "tanh", seed=0)
+        >>> expand_inputs(masked(t, np.array([True, False, True]), np.zeros(3)), np.array([True, False, True])).widths
+        [3, 2, 1]
+    """
+    mask, _ = _check_mask(mask, None, None)
+    if int(mask.sum()) != network.widths[0]:
+        raise TeacherError(
+            f"the mask keeps {int(mask.sum())} inputs but the network has {network.widths[0]}; "
+            "pass the mask the network was restricted with"
+        )
+    W = [lin.weight.detach().cpu().double().numpy() for lin in network.layers]
+    b = [lin.bias.detach().cpu().double().numpy() for lin in network.layers]
+    full = np.zeros((W[0].shape[0], mask.size))
+    full[:, mask] = W[0]
+    skip = None
+    if network.skip is not None:
+        skip = np.zeros((network.widths[-1], mask.size))
+        skip[:, mask] = network.skip.weight.detach().cpu().double().numpy()
+    return from_layers([full, *W[1:]], b, network.activation, skip=skip)
+
+
+class FilledTeacher:
+    """A black-box teacher called on reduced inputs: fills the masked inputs, then asks it."""
+
+    def __init__(self, teacher: Teacher, mask: np.ndarray, fill: np.ndarray) -> None:
+        self.teacher, self.mask, self.fill = teacher, mask, fill
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != int(self.mask.sum()):
+            raise TeacherError(
+                f"this masked teacher takes (n, {int(self.mask.sum())}) inputs, got shape {X.shape}"
+            )
+        full = np.tile(self.fill, (X.shape[0], 1))
+        full[:, self.mask] = X
+        return query(self.teacher, full)
+
+
+def _check_mask(mask: np.ndarray, fill: np.ndarray | None, d_in: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """mask as (d,) bool with at least one kept input; fill as (d,) float64 (zeros under the mask)."""
+    m = np.asarray(mask)
+    if m.ndim != 1 or m.dtype != bool:
+        raise TeacherError(f"mask must be a 1-D boolean array (True: input kept), got {m.dtype} of shape {m.shape}")
+    if d_in is not None and m.size != d_in:
+        raise TeacherError(f"the mask has {m.size} entries but the teacher has {d_in} inputs")
+    if not m.any():
+        raise TeacherError("the mask keeps no input; it must keep at least one (True: input kept)")
+    full = np.zeros(m.size)
+    if fill is not None:
+        f = np.asarray(fill, dtype=np.float64)
+        n_drop = int((~m).sum())
+        if f.ndim != 1 or f.size not in (m.size, n_drop):
+            raise TeacherError(
+                f"fill must hold a value for every input ({m.size}) or for every masked input ({n_drop}), "
+                f"got shape {f.shape}"
+            )
+        if not np.isfinite(f).all():
+            raise TeacherError("fill has NaN or infinite values")
+        full[~m] = f[~m] if f.size == m.size else f
+    return m, full

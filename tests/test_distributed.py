@@ -62,6 +62,17 @@ def fast_polls(monkeypatch):
 
 
 # ----- one machine: a local Ray ----------------------------------------------------------------------
+def test_auto_starts_a_local_ray_and_stops_it(reference):
+    """First in the module, before the ray_local fixture: no Ray is running yet."""
+    import ray
+
+    assert not ray.is_initialized()
+    result = ecdist.recover(teacher(), queries(), config())
+    assert result.plan["backend"] == "ray" and result.plan["ray_started_here"] is True
+    assert not ray.is_initialized()  # shut down again
+    assert_same_recovery(result, reference)
+
+
 def test_ray_backend_equals_in_process(ray_local, reference):
     result = ecdist.recover(teacher(), queries(), config(backend="ray"))
     assert result.plan["backend"] == "ray" and reference.plan["backend"] == "local"
