@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import ecdist
 from ecdist import activations
 from ecdist.packs import inserted
 from ecdist.students import StudentPack
@@ -52,3 +53,105 @@ def test_unassigned_neurons_are_dropped():
     np.testing.assert_allclose(W[1, :, 0], can.outgoing[5])
     np.testing.assert_allclose(W[1, :, 1], can.outgoing[4])
     np.testing.assert_array_equal(up.weight(1).numpy(), pack.weight(2).numpy())  # upper layers unchanged
+
+
+# ----- end to end ---------------------------------------------------------------------------------
+ARCH = [6, 4, 3, 1]
+
+
+def deep_teacher():
+    return ecdist.teachers.random_mlp(ARCH, "tanh", seed=0)
+
+
+def deep_queries():
+    return ecdist.queries.gaussian(600, ARCH[0], seed=1)
+
+
+def deep_config(**changes):
+    base = ecdist.Config(activation="tanh", student_widths=[12, 9], n_students=8, seed=0, threads=1)
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def deep_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deep") / "run"
+    return out, ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="local"), out=out)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="deep students stall at relative MSE 1e-8–1e-5 under LM (measured for 6-4-3-1 tanh/g/sigmoid "
+    "teachers, students 12-9 to 24-16, up to 1,000 iterations), too imprecise for their neurons to line up; "
+    "the layer chain itself is tested below",
+    strict=False,
+)
+def test_deep_recovers_every_width_and_the_function(deep_run):
+    _, result = deep_run
+    fresh = ecdist.queries.gaussian(2000, ARCH[0], seed=99)
+    report = ecdist.compare(result.network, deep_teacher(), "tanh", X=fresh)
+    assert result.layer_sizes == [4, 3] == report.teacher_sizes
+    assert result.network.widths == ARCH
+    assert report.functional_mse < 1e-8
+    assert len(report.max_weight_distance) == 2 and max(report.max_weight_distance) < 1e-4
+
+
+@pytest.mark.slow
+def test_deep_result_has_a_table_per_layer(deep_run):
+    _, result = deep_run
+    report = ecdist.compare(result.network, deep_teacher(), "tanh")
+    assert [layer.index for layer in result.layers] == [1, 2]
+    assert result.layer_sizes == [layer.width for layer in result.layers] == result.network.hidden_widths
+    assert len(report.max_weight_distance) == len(report.teacher_sizes) == 2
+    k1 = result.layer_sizes[0]
+    assert result.layers[0].neurons.num_rows == 8 * 12 and result.layers[1].neurons.num_rows == 8 * 9
+    assert result.layers[1].neurons.column("vector").type.list_size == k1 + 1  # in the recovered layer-1 basis
+
+
+@pytest.mark.slow
+def test_layer_2_is_read_from_the_fine_tuned_students(deep_run):
+    """The layer-2 table holds the canonical first layer of the packs checkpointed after the
+    insertion and fine-tune (K₁ + 1 inputs), not the trained students' second layer."""
+    out, result = deep_run
+    act = activations.get("tanh")
+    state = dict(np.load(out / "checkpoints" / "pack_0000_layer_2.npz"))
+    trained = dict(np.load(out / "checkpoints" / "pack_0000.npz"))
+    tuned = StudentPack.from_state(state, "tanh")
+    assert tuned.widths == [result.layer_sizes[0], 9, 1]
+    assert int(state["steps"]) > int(trained["steps"])  # fine-tuning steps happened after the training
+    can = act.symmetry.canonicalize(tuned.block(0).reshape(tuned.k * 9, -1).numpy())
+    table = result.layers[1].neurons
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    np.testing.assert_array_equal(vectors, can.vectors)
+    stale = StudentPack.from_state(trained, "tanh").block(1).reshape(-1, 13).numpy()
+    assert vectors.shape[1] == result.layer_sizes[0] + 1 != stale.shape[1]
+
+
+@pytest.mark.slow
+def test_deep_result_round_trips_and_resumes(deep_run, tmp_path):
+    out, result = deep_run
+    back = ecdist.load(out)
+    assert back.layer_sizes == result.layer_sizes and len(back.layers) == 2
+    for a, b in zip(back.network.state_dict().values(), result.network.state_dict().values()):
+        assert torch.equal(a, b)
+    assert back.layers[1].neurons.equals(result.layers[1].neurons)
+    events = []
+    again = ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="local"), out=out, resume=True,
+                           progress=lambda e, i: events.append((e, i)))
+    assert not [i for e, i in events if e == "train" and "step" in i]  # every stage came from its checkpoint
+    for a, b in zip(again.network.state_dict().values(), result.network.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ecdist.ConfigError, match="recluster"):
+        ecdist.recluster(result, deep_teacher(), deep_queries(), gamma=0.75)
+
+
+@pytest.mark.slow
+def test_deep_on_ray_equals_in_process(deep_run, ray_local):
+    """Two packs of four on two actors, kept alive across the layers, against one in-process pack."""
+    _, result = deep_run
+    on_ray = ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="ray"))
+    assert on_ray.plan["pack_sizes"] == [4, 4] and result.plan["pack_sizes"] == [8]
+    assert on_ray.layer_sizes == result.layer_sizes
+    for k, v in result.network.state_dict().items():
+        assert torch.equal(on_ray.network.state_dict()[k], v), k
+    for a, b in zip(on_ray.layers, result.layers):
+        assert a.neurons.equals(b.neurons)
