@@ -155,3 +155,54 @@ def test_deep_on_ray_equals_in_process(deep_run, ray_local):
         assert torch.equal(on_ray.network.state_dict()[k], v), k
     for a, b in zip(on_ray.layers, result.layers):
         assert a.neurons.equals(b.neurons)
+
+
+def planted_pack(teacher, xs, ys, n: int, seed: int) -> StudentPack:
+    """n exact students of widths 6-8-6-1: the teacher's neurons (standardised units) in a random
+    order and random signs, plus debris neurons with random incoming and zero outgoing weights."""
+    rng = np.random.default_rng(seed)
+    (W1, b1), (W2, b2), (A, c) = [(lin.weight.detach().numpy(), lin.bias.detach().numpy()) for lin in teacher.layers]
+    W1s, b1s = W1 * xs.scale, b1 + W1 @ xs.mean  # the teacher on standardised inputs…
+    As, cs = A / ys.scale[:, None], (c - ys.mean) / ys.scale  # …and outputs
+    rows = []
+    for _ in range(n):
+        p1, s1 = rng.permutation(8), np.concatenate([rng.choice([-1.0, 1.0], 4), np.ones(4)])
+        L1 = np.vstack([np.hstack([W1s, b1s[:, None]]), rng.standard_normal((4, 7))])[p1] * s1[p1, None]
+        p2, s2 = rng.permutation(6), np.concatenate([rng.choice([-1.0, 1.0], 3), np.ones(3)])
+        W2full = np.zeros((6, 8))
+        W2full[:3, :4] = W2
+        W2full[:, p1.argsort()] = W2full[:, :]  # columns follow layer 1's permutation…
+        W2full = W2full * s1[p1][None, :]  # …and its signs
+        W2full[3:] = rng.standard_normal((3, 8))
+        L2 = np.hstack([W2full, np.concatenate([b2, rng.standard_normal(3)])[:, None]])[p2] * s2[p2, None]
+        out = np.zeros((1, 6))
+        out[:, :3] = As
+        out = out[:, p2] * s2[p2][None, :]
+        rows.append(np.concatenate([L1.ravel(), L2.ravel(), np.hstack([out, cs[:, None]]).ravel()]))
+    return StudentPack(torch.as_tensor(np.stack(rows)), [6, 8, 6, 1], "tanh", list(range(n)))
+
+
+def test_the_layer_chain_is_exact_on_exact_students():
+    """Given students that hold the teacher exactly (what converged students would be), the chain —
+    cluster layer 1, insert, fine-tune, re-read layer 2, fit, fine-tune the whole — is exact."""
+    from ecdist import pipeline
+    from ecdist.packs import PackTrainer
+    from ecdist.queries import Standardizer
+
+    teacher = deep_teacher()
+    X = ecdist.queries.gaussian(600, 6, seed=1)
+    Y = teacher.predict(X)
+    xs, ys = Standardizer.fit(X), Standardizer.fit(Y)
+    Xs, Ys = xs(X), ys(Y)
+    config = ecdist.Config(activation="tanh", student_widths=[8, 6], n_students=8, seed=0, threads=1, backend="local")
+    plan = pipeline._plan(config, 6, 1)
+    trainer = PackTrainer(0, list(range(8)), config, plan, None)
+    trainer.pack = planted_pack(teacher, xs, ys, 8, seed=5)
+    assert float(trainer.pack.mse(torch.as_tensor(Xs), torch.as_tensor(Ys)).max()) < 1e-28  # planted exactly
+    results = [trainer.result(torch.as_tensor(Xs))]
+    advance = pipeline._LocalAdvance(config, plan, [trainer], Ys, pipeline._quiet)
+    layers, network, final = pipeline._layers(config, results, advance, Xs, Ys, xs, ys, {}, pipeline._quiet)
+    report = ecdist.compare(network, teacher, "tanh", X=ecdist.queries.gaussian(2000, 6, seed=99))
+    assert [layer.width for layer in layers] == [4, 3] == report.teacher_sizes
+    assert report.functional_mse < 1e-8 and final < 1e-16
+    assert max(report.max_weight_distance) < 1e-6
