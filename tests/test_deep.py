@@ -206,3 +206,14 @@ def test_the_layer_chain_is_exact_on_exact_students():
     assert [layer.width for layer in layers] == [4, 3] == report.teacher_sizes
     assert report.functional_mse < 1e-8 and final < 1e-16
     assert max(report.max_weight_distance) < 1e-6
+
+
+def test_deep_plan_fits_every_pack_actor_at_once():
+    """Deep runs keep every pack's actor until the last layer: more packs than slots share the CPUs."""
+    from ecdist import pipeline
+
+    deep = ecdist.Config(activation="tanh", student_widths=[8, 6], n_students=4, pack_size=1)
+    plan = pipeline._plan(deep, 6, 1, ray_resources={"CPU": 2.0, "GPU": 0.0})
+    assert len(plan["packs"]) == 4 and plan["cpus_per_pack"] == 0.5 and plan["actor_slots"] == 4
+    shallow = pipeline._plan(deep.replace(student_widths=[8]), 6, 1, ray_resources={"CPU": 2.0, "GPU": 0.0})
+    assert shallow["cpus_per_pack"] == 1 and shallow["actor_slots"] == 2  # one layer: packs wait their turn
