@@ -137,10 +137,12 @@ class Config:
                 f"gamma: ⌊gamma·n_students⌋ = ⌊{self.gamma}·{self.n_students}⌋ < 2, so a cluster could be a "
                 "single student's neurons; raise n_students or gamma"
             )
-        if len(self.student_widths) != 1:
+        if len(self.student_widths) > 1 and activations.get(self.activation).symmetry.linear_shift:
             raise ConfigError(
-                f"student_widths: got {self.student_widths}; this version recovers one hidden layer — "
-                "give one width (deep, layer-by-layer recovery is tracked separately)"
+                f"student_widths: {len(self.student_widths)} hidden layers with activation {self.activation!r}; "
+                "deep recovery supports the classes without a covert linear symmetry (g, tanh, sigmoid, "
+                "identity) — a sign flip of a softplus/GELU/SiLU/ReLU neuron leaves a linear term in the layer "
+                "below, which no MLP layer can absorb; give one hidden width or one of those activations"
             )
 
     # ----- serialisation -----------------------------------------------------------------

@@ -69,6 +69,25 @@ class StudentPack:
         result.node = ray.get_runtime_context().get_node_id()
         return result
 
+    def advance(self, X: np.ndarray, Y: np.ndarray, assigns: list[np.ndarray], widths: list[int], *H: np.ndarray) -> PackResult:
+        """Insert the recovered layers 1…l into the pack, fine-tune, and hand back layer l+1's neurons.
+
+        assigns, widths, H: one per recovered layer so far (H: its activations on the queries). A
+        live actor has done all but the last stage; one Ray restarted after a crash replays them
+        from its checkpoints (or its deterministic start), so it ends with the same students.
+        """
+        dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
+        Yt = torch.as_tensor(np.array(Y), dtype=dtype, device=self.device)
+        if self.trainer.pack is None:
+            self.trainer.train(torch.as_tensor(np.array(X), dtype=dtype, device=self.device), Yt)
+        while True:
+            stage = self.trainer.layer - 1  # layers already inserted
+            self.trainer.insert_layer(assigns[stage], widths[stage])
+            result = self.trainer.finetune(torch.as_tensor(np.array(H[stage]), dtype=dtype, device=self.device), Yt)
+            if stage == len(assigns) - 1:
+                result.node = ray.get_runtime_context().get_node_id()
+                return result
+
     def progress(self) -> dict[str, Any]:
         """The pack's latest step, with the actor's name, process and node (as the dashboard shows them)."""
         ctx = ray.get_runtime_context()
@@ -151,28 +170,83 @@ def train_packs(
     """Train every pack of ``plan`` on Ray actors; yield each pack's result as it finishes.
 
     X, Y: standardised queries and outputs, put in the object store once. ``report`` gets
-    the same ``train`` events as in-process training, from the actors' progress.
+    the same ``train`` events as in-process training, from the actors' progress. Each actor
+    ends when its pack does (one hidden layer: nothing more to do there).
     """
-    X_ref, Y_ref = ray.put(X), ray.put(Y)
-    run = uuid.uuid4().hex[:8]
-    opts = {
-        "num_cpus": plan["cpus_per_pack"],
-        "num_gpus": plan["gpus_per_pack"],
-        "max_restarts": config.actor_restarts,
-        "max_task_retries": config.actor_restarts,
-        "max_concurrency": 2,  # train, and progress() while it trains
-        "runtime_env": {"env_vars": dict(REPRODUCIBLE_ENV)},
-        "namespace": NAMESPACE,  # one place to find them: ray.get_actor(name, namespace="ecdist")
-    }
-    actors, pending = {}, {}
-    for i, ids in enumerate(plan["packs"]):
-        actor = StudentPack.options(name=f"ecdist-{run}-pack-{i}", **opts).remote(
-            i, ids, config.to_json(), _plain(plan), str(run_path) if run_path is not None else None
-        )
-        actors[i] = actor
-        pending[actor.train.remote(X_ref, Y_ref)] = i
-    report("ray", {"actors": len(actors), "cpus_per_pack": plan["cpus_per_pack"], "gpus_per_pack": plan["gpus_per_pack"]})
-    try:
+    with PackGroup(config, plan, X, Y, run_path, report) as group:
+        for result in group.train():
+            group.release(result.index)
+            yield result
+
+
+class PackGroup:
+    """The pack actors of one recovery, alive from training until the last layer is recovered.
+
+    Deep runs insert each recovered layer into every pack and fine-tune there, so the
+    students' state stays in its actor; ``advance`` broadcasts a stage and gathers the packs'
+    next-layer neurons. Closing the group (or leaving its ``with``) ends every actor.
+    """
+
+    def __init__(
+        self, config: Config, plan: dict[str, Any], X: np.ndarray, Y: np.ndarray, run_path: Path | None, report: Any
+    ) -> None:
+        self.config, self.plan, self.report = config, plan, report
+        self.X_ref, self.Y_ref = ray.put(X), ray.put(Y)
+        run = uuid.uuid4().hex[:8]
+        opts = {
+            "num_cpus": plan["cpus_per_pack"],
+            "num_gpus": plan["gpus_per_pack"],
+            "max_restarts": config.actor_restarts,
+            "max_task_retries": config.actor_restarts,
+            "max_concurrency": 2,  # train, and progress() while it trains
+            "runtime_env": {"env_vars": dict(REPRODUCIBLE_ENV)},
+            "namespace": NAMESPACE,  # one place to find them: ray.get_actor(name, namespace="ecdist")
+        }
+        self.actors = {
+            i: StudentPack.options(name=f"ecdist-{run}-pack-{i}", **opts).remote(
+                i, ids, config.to_json(), _plain(plan), str(run_path) if run_path is not None else None
+            )
+            for i, ids in enumerate(plan["packs"])
+        }
+        self.assigns: dict[int, list[np.ndarray]] = {i: [] for i in self.actors}
+        self.widths: list[int] = []
+        self.H_refs: list[Any] = []
+        report("ray", {"actors": len(self.actors), "cpus_per_pack": plan["cpus_per_pack"],
+                       "gpus_per_pack": plan["gpus_per_pack"]})
+
+    def __enter__(self) -> "PackGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def train(self) -> Iterator[PackResult]:
+        """Train every pack; yield each result as its pack finishes."""
+        yield from self._gather({a.train.remote(self.X_ref, self.Y_ref): i for i, a in self.actors.items()})
+
+    def advance(self, assigns: list[np.ndarray], width: int, H: np.ndarray) -> list[PackResult]:
+        """Insert a recovered layer of ``width`` neurons into every pack (``assigns[i]``: pack i's
+        rows → recovered neuron or −1), fine-tune on its activations H; the packs' next-layer results."""
+        self.widths.append(int(width))
+        self.H_refs.append(ray.put(H))
+        pending = {}
+        for i, actor in self.actors.items():
+            self.assigns[i].append(np.asarray(assigns[i]))
+            pending[actor.advance.remote(self.X_ref, self.Y_ref, self.assigns[i], self.widths, *self.H_refs)] = i
+        return list(self._gather(pending))
+
+    def release(self, index: int) -> None:
+        """End one pack's actor (its pack is not needed any more)."""
+        actor = self.actors.pop(index, None)
+        if actor is not None:
+            ray.kill(actor)
+
+    def close(self) -> None:
+        for i in list(self.actors):
+            self.release(i)
+
+    def _gather(self, pending: dict[Any, int]) -> Iterator[PackResult]:
+        config, plan = self.config, self.plan
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY)
             for ref in ready:
@@ -185,13 +259,9 @@ def train_packs(
                         f"{config.actor_restarts} actor restarts: {_first_line(exc)}; its last checkpoint is kept "
                         "in the run folder — resume the run, or raise actor_restarts"
                     ) from None
-                ray.kill(actors.pop(i))
                 yield result
             if not ready:
-                _poll(actors, pending, report)
-    finally:
-        for actor in actors.values():
-            ray.kill(actor)
+                _poll(self.actors, pending, self.report)
 
 
 def actor_locations(actors: list[Any]) -> list[dict[str, Any]]:

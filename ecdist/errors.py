@@ -20,3 +20,7 @@ class QueryError(EcdistError, ValueError):
 
 class RunFolderError(EcdistError):
     """A run folder is missing, corrupt, or belongs to another run."""
+
+
+class RecoveryError(EcdistError):
+    """The students gave nothing to recover from (no cluster in a layer that later layers need)."""

@@ -64,6 +64,7 @@ class PackTrainer:
         self.index, self.ids, self.config, self.plan = index, list(ids), config, plan
         self.run = storage.RunFolder(Path(run_path)) if run_path is not None else None
         self.pack: StudentPack | None = None
+        self.layer = 1  # the hidden layer whose neurons the pack's first layer holds (deep runs move up)
         self._snapshot: dict[str, Any] = {"pack": index, "phase": "waiting", "step": 0, "total": 0}
         self._lock = threading.Lock()
 
@@ -73,51 +74,91 @@ class PackTrainer:
 
     def train(self, X: torch.Tensor, Y: torch.Tensor, report: Report | None = None) -> PackResult:
         """Train the pack on standardised X, Y (or pick it up from its checkpoint); its neurons."""
-        config, plan, index = self.config, self.plan, self.index
+        config, plan, dtype, device = self.config, self.plan, X.dtype, X.device
+
+        def fresh() -> StudentPack:
+            return StudentPack.init(plan["widths"], config.activation, self.ids, config.seed, dtype=dtype, device=device)
+
+        return self._fit(fresh, plan["widths"], X, Y, report, plan["optimizer"], plan["finish_lm"])
+
+    def insert_layer(self, assign: np.ndarray, width: int) -> None:
+        """Replace every student's first hidden layer by the ``width`` recovered neurons (see ``inserted``).
+
+        assign: (k·h,) for each of the pack's first-layer neurons, in ``result`` row order, the
+        recovered neuron its cluster became, or −1. The pack then takes the recovered layer's
+        activations as its inputs: the recovered layers are shared and stay fixed.
+        """
+        self.pack = inserted(self.pack, np.asarray(assign), int(width))
+        self.layer += 1
+
+    def finetune(self, H: torch.Tensor, Y: torch.Tensor, report: Report | None = None) -> PackResult:
+        """Fine-tune the students above the recovered layers on their activations H (n, K); re-read.
+
+        Every parameter above the recovered layers trains (LM when small enough, else Adam at a
+        tenth of ``lr``, the authors' fine-tune rate, then LM if it fits); the result's neurons
+        are read from the fine-tuned pack, never from the students before the insertion.
+        """
+        config, start = self.config, self.pack
+        small = start.n_params <= config.lm_max_params
+        optimizer = "lm" if small else "adam"
+        return self._fit(lambda: start, start.widths, H, Y, report, optimizer, False, finetune=True)
+
+    def _fit(
+        self, make, widths: list[int], X: torch.Tensor, Y: torch.Tensor, report: Report | None,
+        optimizer: str, finish_lm: bool, finetune: bool = False,
+    ) -> PackResult:
+        """Train the pack of this stage from ``make()`` or its checkpoint, checkpointing as it goes."""
+        config, index, layer = self.config, self.index, self.layer
         dtype, device = X.dtype, X.device
-        state = self.run.load_pack(index) if self.run is not None else None
+        tag = {"pack": index} | ({"layer": layer} if layer > 1 else {})  # events of a deep run's later stages say so
+        state = self.run.load_pack(index, layer) if self.run is not None else None
         if state is not None and state["ids"].tolist() != self.ids:
             log.warning("checkpoint of pack %d holds other students (the packs were split differently); retraining it", index)
             state = None
+        if state is not None and state["widths"].tolist() != list(widths):
+            log.warning("checkpoint of pack %d (layer %d) has widths %s, not %s; retraining it",
+                        index, layer, state["widths"].tolist(), list(widths))
+            state = None
         if state is not None and state.get("done", np.asarray(False)).item():
             self.pack = StudentPack.from_state(state, config.activation, dtype=dtype, device=device)
-            self._emit(report, "train", {"pack": index, "resumed": True, "done": True})
+            self._emit(report, "train", tag | {"resumed": True, "done": True})
             return self.result(X, resumed_from=self.pack.steps)
-        if state is not None:
-            pack = StudentPack.from_state(state, config.activation, dtype=dtype, device=device)
-        else:
-            pack = StudentPack.init(plan["widths"], config.activation, self.ids, config.seed, dtype=dtype, device=device)
+        pack = StudentPack.from_state(state, config.activation, dtype=dtype, device=device) if state is not None else make()
         self.pack = pack
         resumed_from = pack.steps
 
         def step(phase: str, i: int, total: int, losses: np.ndarray) -> None:
-            info = {"pack": index, "phase": phase, "step": i, "total": total, "losses": losses.copy(),
+            info = tag | {"phase": phase, "step": i, "total": total, "losses": losses.copy(),
                     "status": pack.status.copy()}
             self._emit(report, "train", info)
             if self.run is not None and i % CHECKPOINT_EVERY == 0:
-                self.run.save_pack(index, pack.state() | {"phase": np.asarray(phase)})
+                self.run.save_pack(index, pack.state() | {"phase": np.asarray(phase)}, layer)
 
         lm = LMOptions(
             max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window,
-            restarts=config.restarts, restart_above=config.restart_above,
+            restarts=0 if finetune else config.restarts, restart_above=config.restart_above,
         )
         phase = str(state["phase"]) if state is not None and "phase" in state else "adam"
-        if plan["optimizer"] == "adam" and phase == "adam":
+        if optimizer == "adam" and phase == "adam":
             adam = AdamOptions(
-                lr=config.lr, batch_size=config.batch_size, max_epochs=config.max_epochs, patience=config.patience,
-                cooldown=config.cooldown, min_lr=config.min_lr, tol=config.student_tol,
+                lr=config.lr / 10 if finetune else config.lr, batch_size=config.batch_size,
+                max_epochs=config.max_epochs, patience=config.patience, cooldown=config.cooldown,
+                min_lr=config.min_lr, tol=config.student_tol,
             )
-            fit_adam(pack, X, Y, adam, seed=config.seed * 1_000_003 + index, progress=step)
-        if plan["optimizer"] == "lm" or plan["finish_lm"]:
+            fit_adam(pack, X, Y, adam, seed=(config.seed * 1_000_003 + index) * 101 + layer - 1, progress=step)
+        if optimizer == "lm" or finish_lm or (finetune and pack.n_params <= config.lm_max_params):
             fit_lm(pack, X, Y, lm, progress=step)
         if self.run is not None:
-            self.run.save_pack(index, pack.state() | {"phase": np.asarray("done"), "done": np.asarray(True)})
-        self._emit(report, "train", {"pack": index, "phase": "done", "losses": pack.rel_loss.copy(),
+            self.run.save_pack(index, pack.state() | {"phase": np.asarray("done"), "done": np.asarray(True)}, layer)
+        self._emit(report, "train", tag | {"phase": "done", "losses": pack.rel_loss.copy(),
                                      "status": pack.status.copy()})
         return self.result(X, resumed_from)
 
     def result(self, X: torch.Tensor, resumed_from: int = 0) -> PackResult:
-        """The trained pack's layer-1 neurons (canonical) and per-student rows."""
+        """The pack's first hidden layer's neurons (canonical) and per-student rows.
+
+        X: the pack's inputs — the queries, or in a deep run the recovered layers' activations.
+        """
         pack = self.pack
         act = activations.get(self.config.activation)
         layer = pack.layer_neurons(X, 0)
@@ -152,3 +193,35 @@ class PackTrainer:
                 self._snapshot = info
         if report is not None:
             report(event, info)
+
+
+def inserted(pack: StudentPack, assign: np.ndarray, width: int) -> StudentPack:
+    """The pack with its first hidden layer replaced by ``width`` recovered neurons, as a pack on their outputs.
+
+    assign: (k·h,) recovered neuron of each first-layer neuron (−1: in no kept cluster, dropped).
+    The weight from recovered neuron j into the next layer is the sum of the student's canonical
+    outgoing weights over its members of j — sign and scale folded in by the symmetry class, so
+    duplicates merge — and a sigmoid member's flip moves its weight into the next layer's bias
+    (σ(−z) = 1 − σ(z)). The upper layers are kept as they are; the fine-tune repairs what the
+    dropped members and each student's small deviation from the recovered vectors leave.
+    """
+    act = pack.act
+    k, h, nxt = pack.k, pack.widths[1], pack.widths[2]
+    vectors = pack.block(0).reshape(k * h, -1).detach().cpu().numpy()
+    outgoing = pack.weight(1).transpose(1, 2).reshape(k * h, -1).detach().cpu().numpy()
+    can = act.symmetry.canonicalize(vectors, outgoing, act.linear_coef)
+    rows = np.flatnonzero(assign >= 0)
+    student = rows // h
+    W = np.zeros((k, width, nxt), dtype=can.outgoing.dtype)
+    np.add.at(W, (student, assign[rows]), can.outgoing[rows])
+    b = pack.bias(1).detach().cpu().numpy().copy()
+    if act.symmetry.constant_shift:
+        flipped = rows[can.sign[rows] < 0]
+        np.add.at(b, flipped // h, outgoing[flipped])
+    first = np.concatenate([W.transpose(0, 2, 1), b[:, :, None]], axis=2).reshape(k, -1)
+    rest = pack.theta[:, pack._slices[1][1] :]
+    theta = torch.cat([torch.as_tensor(first, dtype=pack.theta.dtype, device=pack.theta.device), rest], dim=1)
+    out = StudentPack(theta.clone(), [width, *pack.widths[2:]], act.name, pack.ids)
+    out.seed, out.restarts, out.steps = pack.seed, pack.restarts.copy(), pack.steps
+    out.history, out.history_steps = list(pack.history), list(pack.history_steps)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,11 +26,21 @@ import torch
 from . import activations, storage
 from .cluster import Clusters, cluster_layer
 from .config import Config
-from .errors import ConfigError, QueryError, TeacherError
+from .errors import ConfigError, QueryError, RecoveryError, TeacherError
 from .network import MLP
 from .packs import PackResult, PackTrainer
 from .queries import Standardizer, validate
-from .reconstruct import EXACT_FIT, REFERENCE_TOP, Collapsed, collapse, finetune, output_layer, prune, to_original
+from .reconstruct import (
+    EXACT_FIT,
+    REFERENCE_TOP,
+    Collapsed,
+    collapse,
+    finetune,
+    finetune_network,
+    output_layer,
+    prune,
+    to_original,
+)
 from .students import n_params
 from .teachers import Teacher, query
 
@@ -141,6 +152,8 @@ def _recover(
     xs, ys = Standardizer.fit(X), Standardizer.fit(Y)
     Xs, Ys = xs(X), ys(Y)
     t1 = time.perf_counter()
+    deep = len(config.student_widths) > 1
+    run_path = run.path if run else None
     if _use_ray(config, address):
         from . import distributed
 
@@ -149,27 +162,34 @@ def _recover(
             plan = _plan(config, X.shape[1], Y.shape[1], ray_resources=total)
             plan["ray_started_here"] = started
             report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "Ray"})
-            results = list(distributed.train_packs(config, plan, Xs, Ys, run.path if run else None, report))
+            if deep:  # the actors live on: each recovered layer is inserted and fine-tuned where the students are
+                with distributed.PackGroup(config, plan, Xs, Ys, run_path, report) as group:
+                    results = list(group.train())
+                    timings["train"] = time.perf_counter() - t1
+                    built = _layers(config, results, group.advance, Xs, Ys, xs, ys, timings, report)
+            else:
+                results = list(distributed.train_packs(config, plan, Xs, Ys, run_path, report))
     else:
         plan = _plan(config, X.shape[1], Y.shape[1])
         report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "this process"})
-        results = _train_local(config, plan, Xs, Ys, run, report)
-    timings["train"] = time.perf_counter() - t1
+        trainers = [PackTrainer(i, ids, config, plan, run_path) for i, ids in enumerate(plan["packs"])]
+        results = _train_local(config, plan, trainers, Xs, Ys, report)
+        if deep:
+            timings["train"] = time.perf_counter() - t1
+            advance = _LocalAdvance(config, plan, trainers, Ys, report)
+            built = _layers(config, results, advance, Xs, Ys, xs, ys, timings, report)
+    if not deep:
+        timings["train"] = time.perf_counter() - t1
+        built = _layers(config, results, None, Xs, Ys, xs, ys, timings, report)
     results.sort(key=lambda r: r.index)  # arrival order varies; the tables do not
-
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    with _threads(config.threads):
-        Xt = torch.as_tensor(Xs, dtype=dtype)
-        Yt = torch.as_tensor(Ys, dtype=dtype)
-        neurons = pa.Table.from_batches([r.neurons for r in results])
-        students = pa.Table.from_batches([r.students for r in results])
-        layer_result, network, final = _reconstruct(config, neurons, students, Xt, Yt, xs, ys, timings, report)
+    layer_results, network, final = built
+    students = pa.Table.from_batches([r.students for r in results])
     steps, hist = _history(results)
     result = Recovery(
         config=config,
-        layer_sizes=[layer_result.width],
+        layer_sizes=[layer.width for layer in layer_results],
         network=network,
-        layers=[layer_result],
+        layers=layer_results,
         students=students,
         history_steps=steps,
         history=hist,
@@ -206,17 +226,33 @@ def _use_ray(config: Config, address: str | None) -> bool:
 
 
 def _train_local(
-    config: Config, plan: dict[str, Any], X: np.ndarray, Y: np.ndarray, run: storage.RunFolder | None, report: Progress
+    config: Config, plan: dict[str, Any], trainers: list[PackTrainer], X: np.ndarray, Y: np.ndarray, report: Progress
 ) -> list[PackResult]:
     """Every pack in this process, one after another, on all of its threads."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with _threads(config.threads):
         Xt = torch.as_tensor(X, dtype=dtype, device=plan["device"])
         Yt = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
-        return [
-            PackTrainer(i, ids, config, plan, run.path if run else None).train(Xt, Yt, report)
-            for i, ids in enumerate(plan["packs"])
-        ]
+        return [trainer.train(Xt, Yt, report) for trainer in trainers]
+
+
+class _LocalAdvance:
+    """In-process twin of ``distributed.PackGroup.advance``: insert a layer into every pack, fine-tune."""
+
+    def __init__(
+        self, config: Config, plan: dict[str, Any], trainers: list[PackTrainer], Y: np.ndarray, report: Progress
+    ) -> None:
+        dtype = torch.float64 if config.dtype == "float64" else torch.float32
+        self.trainers, self.report, self.dtype, self.device = trainers, report, dtype, plan["device"]
+        self.Y = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
+
+    def __call__(self, assigns: list[np.ndarray], width: int, H: np.ndarray) -> list[PackResult]:
+        Ht = torch.as_tensor(H, dtype=self.dtype, device=self.device)
+        out = []
+        for trainer, assign in zip(self.trainers, assigns):
+            trainer.insert_layer(assign, width)
+            out.append(trainer.finetune(Ht, self.Y, self.report))
+        return out
 
 
 RECLUSTER_FIELDS = (
@@ -239,6 +275,11 @@ def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any)
         >>> ecdist.recluster(r, t, X, cluster_rule="reference").config.cluster_rule
         'reference'
     """
+    if len(result.layer_sizes) > 1:
+        raise ConfigError(
+            "recluster: supports one hidden layer; a deep result's later layers were trained on its earlier "
+            "clusters, so new clustering settings need a new recover run"
+        )
     unknown = sorted(set(changes) - set(RECLUSTER_FIELDS))
     if unknown:
         raise ConfigError(
@@ -257,7 +298,10 @@ def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any)
         Xt = torch.as_tensor(xs(X), dtype=dtype)
         Yt = torch.as_tensor(ys(Y), dtype=dtype)
         base = result.layers[0].neurons.select(["student", "neuron", "contribution", "sign", "vector"])
-        layer_result, network, final = _reconstruct(config, base, result.students, Xt, Yt, xs, ys, timings, _quiet)
+        table, best = _reconstruct(config, base, result.students, Xt, Yt, timings, _quiet, 0)
+        network = to_original([best.weights[0]], *best.weights[1:], xs, ys, config.activation)
+        layer_result = _layer_result(0, table, best.clusters, best.collapsed, network, best.kept)
+    final = best.final
     return dataclasses.replace(
         result,
         config=config,
@@ -281,18 +325,109 @@ class _Attempt:
     kept: np.ndarray
 
 
+def _layers(
+    config: Config,
+    results: list[PackResult],
+    advance: Callable[[list[np.ndarray], int, np.ndarray], list[PackResult]] | None,
+    Xs: np.ndarray,
+    Ys: np.ndarray,
+    xs: Standardizer,
+    ys: Standardizer,
+    timings: dict[str, float],
+    report: Progress,
+) -> tuple[list[LayerResult], MLP, float]:
+    """Recover every hidden layer from the trained packs; the network in the teacher's units.
+
+    Layers 1…L−1 (deep runs, §3.10 of the method): cluster the packs' first-layer neurons,
+    collapse, ``advance`` (insert the recovered layer into every pack and fine-tune the students
+    above it on its activations), then read the next layer from the fine-tuned packs — never
+    from the students as trained. The last hidden layer is fitted, fine-tuned and pruned on the
+    recovered layers' activations, and then the whole recovered network is fine-tuned.
+    """
+    act = activations.get(config.activation)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    results = sorted(results, key=lambda r: r.index)
+    with _threads(config.threads):
+        Xt, Yt = torch.as_tensor(Xs, dtype=dtype), torch.as_tensor(Ys, dtype=dtype)
+        H = Xt.double()
+        lower: list[tuple[pa.Table, Clusters, Collapsed]] = []
+        for l in range(len(config.student_widths) - 1):
+            neurons = pa.Table.from_batches([r.neurons for r in results])
+            students = pa.Table.from_batches([r.students for r in results])
+            table, clusters, col = _hidden_layer(config, neurons, students, l, timings, report)
+            lower.append((table, clusters, col))
+            assign = np.full(neurons.num_rows, -1, dtype=np.int64)
+            rows = np.flatnonzero(clusters.labels >= 0)
+            where = {int(c): j for j, c in enumerate(col.cluster)}
+            assign[rows] = [where.get(int(c), -1) for c in clusters.labels[rows]]
+            ones = torch.ones(len(H), 1, dtype=H.dtype)
+            H = act.fn(torch.cat([H, ones], 1) @ torch.as_tensor(col.vectors).T)
+            bounds = np.cumsum([0] + [r.neurons.num_rows for r in results])
+            t0 = time.perf_counter()
+            results = sorted(
+                advance([assign[a:b] for a, b in zip(bounds[:-1], bounds[1:])], len(col.vectors), H.to(dtype).numpy()),
+                key=lambda r: r.index,
+            )
+            timings["finetune_students"] = timings.get("finetune_students", 0.0) + time.perf_counter() - t0
+        L = len(config.student_widths) - 1
+        neurons = pa.Table.from_batches([r.neurons for r in results])
+        students = pa.Table.from_batches([r.students for r in results])
+        table, best = _reconstruct(config, neurons, students, H.to(dtype), Yt, timings, report, L)
+        V, A, c, S = best.weights
+        blocks, final = [col.vectors for _, _, col in lower] + [V], best.final
+        if lower and len(V):
+            t0 = time.perf_counter()
+            final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter)
+            timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t0
+        network = to_original(blocks, A, c, S, xs, ys, act.name)
+    out = [_layer_result(l, t, cl, col, network, np.arange(len(col.vectors))) for l, (t, cl, col) in enumerate(lower)]
+    out.append(_layer_result(L, table, best.clusters, best.collapsed, network, best.kept))
+    report("reconstruct", {"widths": network.hidden_widths, "rel_mse": final,
+                           "pruned": len(best.collapsed.vectors) - len(V)})
+    return out, network, final
+
+
+def _hidden_layer(
+    config: Config, neurons: pa.Table, students: pa.Table, l: int, timings: dict[str, float], report: Progress
+) -> tuple[pa.Table, Clusters, Collapsed]:
+    """Cluster and collapse a layer below the last (no exact fit to decide on pruning there)."""
+    vectors = np.asarray(neurons.column("vector").combine_chunks().flatten()).reshape(neurons.num_rows, -1)
+    sids = np.asarray(neurons.column("student"))
+    losses = dict(zip(np.asarray(students.column("student")).tolist(), np.asarray(students.column("rel_loss")).tolist()))
+    t0 = time.perf_counter()
+    clusters = cluster_layer(
+        vectors, sids, config.gamma, config.beta,
+        backend=config.cluster_backend, rule=config.cluster_rule, weights=np.asarray(neurons.column("contribution")),
+        drop=config.drop, n_students=config.n_students, min_separation=config.min_separation,
+    )
+    timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - t0
+    report("cluster", {"layer": l + 1, "rule": config.cluster_rule, "kept": clusters.n_clusters, "rows": len(vectors)})
+    col = collapse(vectors, sids, clusters.labels, losses, REFERENCE_TOP if config.cluster_rule == "reference" else None)
+    if len(col.vectors) == 0:
+        raise RecoveryError(
+            f"layer {l + 1}: no cluster spans {clusters.min_students} students, so the layers above cannot be "
+            "recovered; the students may not have converged (see the students table) — try more students, "
+            "wider students or more queries"
+        )
+    table = neurons.append_column("cluster", pa.array(clusters.labels)).append_column(
+        "dropped", pa.array(clusters.dropped)
+    )
+    return table, clusters, col
+
+
 def _reconstruct(
     config: Config,
     neurons: pa.Table,
     students: pa.Table,
     Xt: torch.Tensor,
     Yt: torch.Tensor,
-    xs: Standardizer,
-    ys: Standardizer,
     timings: dict[str, float],
     report: Progress,
-) -> tuple[LayerResult, MLP, float]:
-    """Cluster one layer's canonical neurons, collapse, fit, prune; the network in original units.
+    layer: int,
+) -> tuple[pa.Table, _Attempt]:
+    """Cluster the last hidden layer's canonical neurons, collapse, fit, prune (standardised units).
+
+    Xt: the layer's inputs — the queries, or the recovered layers' activations in a deep run.
 
     With ``fallback``, a stable-rule result that does not fit exactly is retried with the
     authors' cut, which keeps more candidates (often every teacher neuron among them); the
@@ -312,7 +447,7 @@ def _reconstruct(
             drop=config.drop, n_students=config.n_students, min_separation=config.min_separation,
         )
         timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - t0
-        report("cluster", {"layer": 1, "rule": rule, "kept": clusters.n_clusters, "rows": len(vectors)})
+        report("cluster", {"layer": layer + 1, "rule": rule, "kept": clusters.n_clusters, "rows": len(vectors)})
         t1 = time.perf_counter()
         col = collapse(vectors, sids, clusters.labels, losses, top)
         if config.prune:
@@ -328,22 +463,19 @@ def _reconstruct(
     best = attempt(config.cluster_rule, REFERENCE_TOP if config.cluster_rule == "reference" else None)
     if config.fallback and config.prune and config.cluster_rule == "stable" and best.final > EXACT_FIT:
         other = attempt("reference", None)
-        log.info("layer 1: stable rule fit %.1e, authors' cut with pruning %.1e", best.final, other.final)
+        log.info("layer %d: stable rule fit %.1e, authors' cut with pruning %.1e", layer + 1, best.final, other.final)
         if other.final <= EXACT_FIT:  # more neurons always fit better: only an exact fit earns the switch
             best = other
     if best.clusters.n_clusters == 0:
         log.warning(
-            "layer 1: no cluster spans %d students; the students may not have converged "
+            "layer %d: no cluster spans %d students; the students may not have converged "
             "(see the students table) — try more students, wider students or more queries",
-            best.clusters.min_students,
+            layer + 1, best.clusters.min_students,
         )
-    V = best.weights[0]
-    network = to_original(*best.weights, xs, ys, act.name)
-    report("reconstruct", {"widths": [len(V)], "rel_mse": best.final, "pruned": len(best.collapsed.vectors) - len(V)})
     table = neurons.append_column("cluster", pa.array(best.clusters.labels)).append_column(
         "dropped", pa.array(best.clusters.dropped)
     )
-    return _layer_result(0, table, best.clusters, best.collapsed, network, best.kept), network, best.final
+    return table, best
 
 
 def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float] | None = None) -> dict[str, Any]:
@@ -386,6 +518,13 @@ def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float]
         plan |= {"cpus_per_pack": cpus, "gpus_per_pack": gpus, "ray_resources": ray_resources, "actor_slots": slots}
     ids = list(range(config.n_students))
     plan["packs"] = [ids[i : i + size] for i in range(0, len(ids), size)]
+    n_packs = len(plan["packs"])
+    if ray_resources is not None and len(config.student_widths) > 1 and n_packs > plan["actor_slots"]:
+        # deep runs keep every pack's actor until the last layer: they must all fit at once
+        plan["cpus_per_pack"] = math.floor(1e4 * ray_resources["CPU"] / n_packs) / 1e4
+        if plan["gpus_per_pack"]:
+            plan["gpus_per_pack"] = math.floor(1e4 * ray_resources["GPU"] / n_packs) / 1e4
+        plan["actor_slots"] = n_packs
     return plan
 
 

@@ -133,6 +133,27 @@ def finetune(
     return float(pack.rel_loss[0]), blocks, out[:, :-1], out[:, -1], skip
 
 
+def finetune_network(
+    blocks: list[np.ndarray], A: np.ndarray, c: np.ndarray, X: torch.Tensor, Y: torch.Tensor, activation: str, iters: int
+) -> tuple[float, list[np.ndarray], np.ndarray, np.ndarray]:
+    """Levenberg–Marquardt on every parameter of a recovered deep network (no affine path).
+
+    blocks: hidden layers as neuron rows [w | b], (K_l, K_{l−1}+1); A (d_out, K_L), c (d_out,).
+    The layers were recovered one at a time on fixed layers below; this joint pass lets each
+    supply the last digits the others need. Returns the relative MSE, blocks, A and c.
+    """
+    widths = [blocks[0].shape[1] - 1, *(b.shape[0] for b in blocks), A.shape[0]]
+    parts = [b.ravel() for b in blocks] + [np.hstack([A, c[:, None]]).ravel()]
+    theta = torch.as_tensor(np.concatenate(parts)[None], dtype=X.dtype, device=X.device)
+    pack = StudentPack(theta, widths, activation, [0])
+    if iters:
+        fit_lm(pack, X, Y, LMOptions(max_iter=iters, tol=0.0, stall_window=10, stall_level=1e-30, restarts=0))
+    else:
+        pack.rel_loss = pack.mse(X, Y).cpu().numpy()
+    out = [pack.block(l)[0].detach().cpu().double().numpy() for l in range(len(blocks) + 1)]
+    return float(pack.rel_loss[0]), out[:-1], out[-1][:, :-1], out[-1][:, -1]
+
+
 def prune(
     V: np.ndarray,
     X: torch.Tensor,
@@ -206,7 +227,7 @@ def _merge_twins(V: np.ndarray, act: activations.Activation) -> np.ndarray:
 
 
 def to_original(
-    V: np.ndarray,
+    V: np.ndarray | list[np.ndarray],
     A: np.ndarray,
     c: np.ndarray,
     S: np.ndarray | None,
@@ -216,15 +237,20 @@ def to_original(
 ) -> MLP:
     """The network in the teacher's units, from weights fitted on standardised data.
 
-    x̂ = (x − μx)/sx and y = sy·ŷ + μy, so w = ŵ/sx, b = b̂ − ŵ·μx/sx, and the output layer
-    (and skip path) are scaled by sy with the means folded into the output bias.
+    V: the hidden layer (K, d_in+1), or every hidden layer's [w | b] rows in order (deep).
+    x̂ = (x − μx)/sx and y = sy·ŷ + μy, so w = ŵ/sx, b = b̂ − ŵ·μx/sx in the first layer, the
+    output layer (and skip path) are scaled by sy with the means folded into the output bias,
+    and the layers between are unchanged.
     """
-    W = V[:, :-1] / xs.scale
-    b = V[:, -1] - W @ xs.mean
+    blocks = [V] if isinstance(V, np.ndarray) else list(V)
+    W = blocks[0][:, :-1] / xs.scale
+    b = blocks[0][:, -1] - W @ xs.mean
+    inner = blocks[1:]
     A_o = A * ys.scale[:, None]
     c_o = c * ys.scale + ys.mean
     skip = None
     if S is not None:
         skip = S / xs.scale * ys.scale[:, None]
         c_o = c_o - skip @ xs.mean
-    return from_layers([W, A_o], [b, c_o], activation, skip=skip)
+    weights = [W, *(v[:, :-1] for v in inner), A_o]
+    return from_layers(weights, [b, *(v[:, -1] for v in inner), c_o], activation, skip=skip)

@@ -11,7 +11,8 @@ A result folder (``Recovery.save``) holds::
     layer_<l>_clusters.parquet  one row per recovered neuron: cluster statistics, vector
 
 A run folder (``recover(..., out=DIR)``) is a result folder plus ``run.json`` (config and
-query fingerprints) and ``checkpoints/pack_<i>.npz``. Every file is written to a temporary
+query fingerprints) and ``checkpoints/pack_<i>.npz`` (deep runs add ``pack_<i>_layer_<l>.npz``:
+the pack fine-tuned on top of the recovered layers 1…l−1). Every file is written to a temporary
 name and renamed, so a killed process leaves the previous version, never half a file.
 """
 from __future__ import annotations
@@ -238,19 +239,21 @@ class RunFolder:
             atomic_write(path / "config.json", (config.to_json() + "\n").encode())
         return cls(path)
 
-    def _pack_path(self, index: int) -> Path:
-        return self.path / "checkpoints" / f"pack_{index:04d}.npz"
+    def _pack_path(self, index: int, layer: int = 1) -> Path:
+        stage = "" if layer == 1 else f"_layer_{layer}"
+        return self.path / "checkpoints" / f"pack_{index:04d}{stage}.npz"
 
-    def save_pack(self, index: int, state: dict[str, np.ndarray]) -> None:
+    def save_pack(self, index: int, state: dict[str, np.ndarray], layer: int = 1) -> None:
+        """Checkpoint a pack; ``layer`` l ≥ 2: after layers 1…l−1 were recovered and inserted."""
         import io
 
         buf = io.BytesIO()
         np.savez(buf, **state)
-        atomic_write(self._pack_path(index), buf.getvalue())
+        atomic_write(self._pack_path(index, layer), buf.getvalue())
 
-    def load_pack(self, index: int) -> dict[str, np.ndarray] | None:
+    def load_pack(self, index: int, layer: int = 1) -> dict[str, np.ndarray] | None:
         """A pack's last checkpoint, or None (absent, or unreadable: then it is retrained)."""
-        p = self._pack_path(index)
+        p = self._pack_path(index, layer)
         if not p.exists():
             return None
         try:

@@ -538,9 +538,13 @@ def test_config_every_registered_activation_is_accepted():
         assert Config(activation=name, student_widths=[4]).activation == name
 
 
-def test_config_one_hidden_layer_only():
+def test_config_deep_widths():
+    assert Config(activation="tanh", student_widths=[8, 6, 4]).student_widths == [8, 6, 4]
+    assert Config(activation="g", student_widths=(8, 6)).student_widths == [8, 6]
+    with pytest.raises(ConfigError, match="^student_widths:.*linear"):  # covert linear symmetry: one layer only
+        Config(activation="relu", student_widths=[8, 8])
     with pytest.raises(ConfigError, match="^student_widths:"):
-        Config(activation="tanh", student_widths=[8, 8])
+        Config(activation="tanh", student_widths=[8, 0])
 
 
 def test_config_json_round_trip():
