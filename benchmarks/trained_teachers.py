@@ -81,12 +81,19 @@ def main() -> int:
     ap.add_argument("--activations", nargs="+", default=list(ACTIVATIONS))
     ap.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--skip-plain", action="store_true", help="only the augmented-query grid (no part d)")
     args = ap.parse_args()
     rows = []
     cases = [("digits", 8, "tanh")] if args.quick else [
-        (ds, r, a) for ds in args.datasets for r in args.widths for a in args.activations]
+        (ds, r, a) for ds in args.datasets for r in args.widths for a in args.activations]  # narrow first
+    name = "trained_teachers_quick" if args.quick else "trained_teachers"
+    path = args.out or _common.RESULTS / f"{name}.json"
     for ds, r, a in cases:
         rows.append(run_one(ds, r, a, "augmented", args.device, args.threads))
+        _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows
+    if args.skip_plain:
+        _common.write_json(path, {"benchmark": "trained_teachers", "machine": _common.machine_info(), "shallow": rows})
+        return 0
     plain = [run_one("digits", 32 if not args.quick else 8, "tanh", "plain", args.device, args.threads)]
     aug = [x for x in rows if x["dataset"] == "digits" and x["activation"] == "tanh" and x["r"] == plain[0]["r"]]
     if not aug:
@@ -105,8 +112,6 @@ def main() -> int:
             "all_neurons_within_1e-3": sum(x["worst_1_minus_cos"] < 1e-3 for x in shallow),
         },
     }
-    name = "trained_teachers_quick" if args.quick else "trained_teachers"
-    path = args.out or _common.RESULTS / f"{name}.json"
     _common.write_json(path, out)
     plot(out, path.with_suffix(".png"))
     print(out["summary"])
