@@ -163,7 +163,7 @@ def _recover(
         history_steps=steps,
         history=hist,
         plan={k: v for k, v in plan.items() if k != "packs"}
-        | {"pack_sizes": [len(p) for p in plan["packs"]], "data_fingerprint": fingerprint},
+        | {"pack_sizes": [len(p) for p in plan["packs"]], "data_fingerprint": fingerprint, "cluster_backend": layer_result.clustering.backend},
         timings=timings | {"total": time.perf_counter() - t0},
         final_rel_mse=final,
     )
@@ -326,7 +326,7 @@ def _plan(config: Config, d_in: int, d_out: int) -> dict[str, Any]:
         "finish_lm": finish,
         "device": device,
         "backend": "local",
-        "cluster_backend": "scipy",
+        "cluster_backend": config.cluster_backend,  # resolved after clustering (Clusters.backend)
         "packs": [ids[i : i + size] for i in range(0, len(ids), size)],
     }
 
