@@ -48,7 +48,7 @@ LOG = logging.getLogger(__name__)
 K = 24  # neighbours per row in the kNN graph
 EXACT_MAX_CPU = 5_000  # rows searched with an exact flat index on a CPU (O(M²·D)); IVF above
 EXACT_MAX_GPU = 2_000_000  # a GPU searches a million rows exactly in seconds
-NPROBE = 1  # IVF lists searched per query: copies of a neuron share a list; debris needs no exact neighbours
+NPROBE = 2  # IVF lists searched per query (pre-assigned CPU search: 1, 2 for rows near a list border)
 MAX_COMPONENT = 4096  # rows of the largest exact linkage: 8 M pairs, 67 MB of condensed distances
 WORK_MIN = 2_000_000  # exact-linkage budget in pairs of rows: a layer of ≤ 2,000 rows is linked exactly...
 WORK_PER_ROW = 64  # ... and above that 64 pairs per row, so the exact step stays linear in M
@@ -140,7 +140,8 @@ class NeuronIndex:
         self._plan: _Plan | None = None
         self._pending: list[np.ndarray] = []  # float32 packs waiting for an IVF index to be trained
         self._res = None  # GPU resources, kept alive with the index
-        self.info_: dict = {}
+        self.info_: dict = {}  # after ``cluster``: sizes and seconds of each step
+        self.linkage_: np.ndarray | None = None  # after ``cluster``: the dendrogram the rule read (kept rows)
 
     # ----- adding rows ---------------------------------------------------------------------------
     @property
@@ -244,6 +245,7 @@ class NeuronIndex:
             dropped = weights < drop * weights.max()
         rows = np.flatnonzero(~dropped)
         t0 = time.perf_counter()
+        self.linkage_ = None
         if rows.size >= 2:
             res, exact = self._cluster_rows(vectors, sids, rows, m_req, 1 - math.cos(beta), rule, min_separation)
         else:
@@ -283,17 +285,20 @@ class NeuronIndex:
             else:
                 res = rules.stable_rule(Zhat, kept_vectors, kept_sids, m_req, max_cd, min_sep, floor=floor)
             info["leaves"] = 1
+            self.linkage_ = Zhat
             return res, np.ones(res.heights.size, dtype=bool)
         # 1. kNN graph
-        nbr, dist = self._knn(vectors, rows)
+        copy_h = F32_ERR * radius  # rows closer than this are copies of one neuron to float32 precision
+        nbr, dist = self._knn(vectors, rows, border=2 * (copy_h + delta))
+        same = _copy_edges(nbr, dist, copy_h, kept_vectors, shift)
         info["knn_s"] = time.perf_counter() - t
         plan = self._plan
         info["index"] = {"kind": plan.kind, "gpu": plan.gpu, "nlist": plan.nlist, "nprobe": plan.nprobe}
         t = time.perf_counter()
         # 2. leaves, grown along the spanning tree
-        u, v, h = _spanning_tree(nbr, dist, m)
+        u, v, h = _spanning_tree(nbr, dist, m, extra=same)
         del nbr, dist
-        grow = _grow(u, v, h, m, cap, work, m_req, copy_h=F32_ERR * radius)
+        grow = _grow(u, v, h, m, cap, work, m_req, copy_h=copy_h)
         info["tree_s"] = time.perf_counter() - t
         t = time.perf_counter()
         # 3. dendrogram
@@ -327,7 +332,7 @@ class NeuronIndex:
         info["linkage_s"] = time.perf_counter() - t
         t = time.perf_counter()
         _upper(dendro, kept_vectors, shift, leaf_idx, leaf_rows, leaf_node, grow.refused, self)
-        Zhat = dendro.linkage()
+        Zhat = self.linkage_ = dendro.linkage()
         info["upper_s"] = time.perf_counter() - t
         t = time.perf_counter()
         # 4. rules
@@ -347,15 +352,19 @@ class NeuronIndex:
         LOG.info("faiss backend: %s", info)
         return res, exact
 
-    def _knn(self, vectors, rows):
-        """k nearest other rows of every kept row (positions among the kept rows; −1 where none)."""
+    def _knn(self, vectors, rows, border: float = 0.0):
+        """k nearest other rows of every kept row (positions among the kept rows; −1 where none).
+
+        A CPU IVF index built here reads one list per row, and a second one for rows whose two
+        nearest centroids are within ``border`` of each other: a copy of the row within
+        border/2 can lie in that list only."""
         m = rows.size
         k = min(self.k, m - 1)
         streamed = self._index is not None and self._plan is not None
         if streamed and self._index.ntotal < self.ntotal:  # the IVF sample never filled: build now
             streamed = False
         if streamed:
-            index, pos = self._index, np.full(len(vectors), -1, dtype=np.int64)
+            index, pos, assign = self._index, np.full(len(vectors), -1, dtype=np.int64), None
             pos[rows] = np.arange(m)
             extra = len(vectors) - m  # dropped rows are in the index: ask for more neighbours
         else:
@@ -365,7 +374,7 @@ class NeuronIndex:
             del data
             pos, extra = None, 0
             if self._plan.kind == "ivf" and not self._plan.gpu:  # the rows are the queries: assign them once
-                assign = self._preassign(index, vectors, rows)
+                assign, near_border = self._preassign(index, vectors, rows, border)
             else:
                 assign = None
                 for s in range(0, m, BLOCK):
@@ -375,12 +384,11 @@ class NeuronIndex:
         dist = np.empty((m, k), dtype=np.float32)
         for s in range(0, m, BLOCK):
             q = rows[s : s + BLOCK]
+            xq = self._f32(vectors[q])
             if assign is None:
-                D, I = index.search(self._f32(vectors[q]), kk)
+                D, I = index.search(xq, kk)
             else:
-                from faiss.contrib.ivf_tools import search_preassigned
-
-                D, I = search_preassigned(index, self._f32(vectors[q]), kk, assign[s : s + BLOCK], None)
+                D, I = _search_lists(index, xq, kk, assign[s : s + BLOCK], near_border[s : s + BLOCK])
             D = np.sqrt(np.maximum(D, 0))
             if pos is not None:
                 I = np.where(I >= 0, pos[np.maximum(I, 0)], -1)
@@ -390,19 +398,23 @@ class NeuronIndex:
         self._search_index = index if pos is None else None  # an exact flat index over the kept rows serves _ball
         return nbr, dist
 
-    def _preassign(self, index, vectors, rows) -> np.ndarray:
-        """Add the rows to a CPU IVF index by one pass of its quantizer, and return the lists each
-        row's search will read (the same pass serves adding and searching)."""
+    def _preassign(self, index, vectors, rows, border: float) -> tuple[np.ndarray, np.ndarray]:
+        """Add the rows to a CPU IVF index by one pass of its quantizer; return each row's two
+        nearest lists and whether the second is within ``border`` of the first (one pass serves
+        adding and searching)."""
         from faiss.contrib.ivf_tools import add_preassigned
 
         ivf = _faiss().extract_index_ivf(index)
-        assign = np.empty((rows.size, ivf.nprobe), dtype=np.int64)
+        assign = np.empty((rows.size, 2), dtype=np.int64)
+        near = np.empty(rows.size, dtype=bool)
         for s in range(0, rows.size, BLOCK):
             x = self._f32(vectors[rows[s : s + BLOCK]])
-            _, a = ivf.quantizer.search(x, ivf.nprobe)
+            d, a = ivf.quantizer.search(x, 2)
             add_preassigned(ivf, x, np.ascontiguousarray(a[:, 0]))  # ids run on: s, s+1, …
             assign[s : s + len(x)] = a
-        return assign
+            d = np.sqrt(np.maximum(d, 0))
+            near[s : s + len(x)] = (a[:, 1] >= 0) & (d[:, 1] - d[:, 0] <= border)
+        return assign, near
 
     def knn_exact(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest rows of ``vectors`` to each query (shifted coordinates): the flat index
@@ -429,6 +441,20 @@ class NeuronIndex:
             heap.add_result(D, np.where(I >= 0, I + s, -1))
         heap.finalize()
         return np.sqrt(np.maximum(heap.D, 0)), heap.I
+
+
+def _search_lists(index, xq, k, assign, two) -> tuple[np.ndarray, np.ndarray]:
+    """IVF search of pre-assigned queries: their first list, and the second too where ``two``."""
+    from faiss.contrib.ivf_tools import search_preassigned
+
+    ivf = _faiss().extract_index_ivf(index)
+    D = np.empty((len(xq), k), dtype=np.float32)
+    I = np.empty((len(xq), k), dtype=np.int64)
+    for nprobe, sel in ((1, ~two), (2, two)):
+        if sel.any():
+            ivf.nprobe = nprobe
+            D[sel], I[sel] = search_preassigned(ivf, np.ascontiguousarray(xq[sel]), k, np.ascontiguousarray(assign[sel, :nprobe]), None)
+    return D, I
 
 
 def _train_size(nlist: int) -> int:
@@ -463,17 +489,58 @@ def _drop_self(I: np.ndarray, D: np.ndarray, self_pos: np.ndarray, k: int) -> tu
     return I, D
 
 
-def _spanning_tree(nbr: np.ndarray, dist: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges of the kNN graph's minimum spanning forest, by increasing length."""
+def _copy_edges(nbr, dist, copy_h, vectors, shift) -> tuple[np.ndarray, np.ndarray]:
+    """Edges that join the pieces of one neuron's copies which the kNN graph left apart.
+
+    More than k rows within float32 rounding of each other tie, and k neighbours each need not
+    link them all. Groups of such rows (joined by kNN edges under ``copy_h``, every row's k-th
+    neighbour under it) are searched by their centroids; groups whose centroids lie within
+    ``copy_h`` are joined.
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    m = len(nbr)
+    saturated = np.isfinite(dist[:, -1]) & (dist[:, -1] <= copy_h)
+    if saturated.sum() < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    ok = (nbr >= 0) & (dist <= copy_h) & saturated[:, None]
+    src = np.broadcast_to(np.arange(m)[:, None], nbr.shape)[ok]
+    _, comp = connected_components(csr_matrix((np.ones(src.size), (src, nbr[ok])), shape=(m, m)), directed=False)
+    groups, inv = np.unique(comp[saturated], return_inverse=True)
+    if groups.size < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(saturated)
+    x = np.asarray(vectors[rows], dtype=np.float64) - shift
+    cent = np.zeros((groups.size, x.shape[1]))
+    np.add.at(cent, inv, x)
+    cent /= np.bincount(inv, minlength=groups.size)[:, None]
+    kc = min(8, groups.size - 1)
+    c32 = np.ascontiguousarray(cent, dtype=np.float32)
+    D, I = _faiss().knn(c32, c32, kc + 1)
+    a = np.repeat(np.arange(groups.size), kc + 1)
+    b, d = I.ravel(), np.sqrt(np.maximum(D.ravel(), 0))
+    keep = (b >= 0) & (b != a) & (d <= copy_h)
+    first = np.full(groups.size, -1, dtype=np.int64)  # one row of each group stands for it
+    first[inv[::-1]] = rows[::-1]
+    return first[a[keep]], first[b[keep]]
+
+
+def _spanning_tree(nbr: np.ndarray, dist: np.ndarray, m: int, extra=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges of the kNN graph's minimum spanning forest (plus ``extra`` edges of length 0), by increasing length."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import minimum_spanning_tree
 
     ok = nbr >= 0
     src = np.broadcast_to(np.arange(m)[:, None], nbr.shape)[ok]
+    dst = nbr[ok]
     # a stored 0 would be read as "no edge": identical rows get the smallest positive length
     w = np.maximum(dist[ok].astype(np.float64), np.finfo(np.float64).tiny)
-    g = csr_matrix((w, (src, nbr[ok])), shape=(m, m))
-    del src, w
+    if extra is not None and len(extra[0]):
+        src, dst = np.concatenate([src, extra[0]]), np.concatenate([dst, extra[1]])
+        w = np.concatenate([w, np.full(len(extra[0]), np.finfo(np.float64).tiny)])
+    g = csr_matrix((w, (src, dst)), shape=(m, m))
+    del src, dst, w
     t = minimum_spanning_tree(g).tocoo()
     order = np.argsort(t.data, kind="stable")
     return t.row[order].astype(np.int64), t.col[order].astype(np.int64), t.data[order]
