@@ -48,9 +48,10 @@ LOG = logging.getLogger(__name__)
 K = 24  # neighbours per row in the kNN graph
 EXACT_MAX_CPU = 5_000  # rows searched with an exact flat index on a CPU (O(M²·D)); IVF above
 EXACT_MAX_GPU = 2_000_000  # a GPU searches a million rows exactly in seconds
+NLIST_PER_SQRT = 4.0  # IVF lists per √M
 NPROBE = 2  # IVF lists searched per query (pre-assigned CPU search: 1, 2 for rows near a list border)
 MAX_COMPONENT = 4096  # rows of the largest exact linkage: 8 M pairs, 67 MB of condensed distances
-WORK_MIN = 2_000_000  # exact-linkage budget in pairs of rows: a layer of ≤ 2,000 rows is linked exactly...
+WORK_MIN = 500_000  # exact-linkage budget in pairs of rows: a layer of ≤ 1,000 rows is linked exactly...
 WORK_PER_ROW = 64  # ... and above that 64 pairs per row, so the exact step stays linear in M
 K_OUT = 16  # rows outside a leaf that its centroid search looks at
 BLOCK = 1 << 15  # query rows per search call
@@ -197,7 +198,7 @@ class NeuronIndex:
         exact_max = self.exact_max if self.exact_max is not None else (EXACT_MAX_GPU if gpu else EXACT_MAX_CPU)
         if n <= exact_max:
             return _Plan("flat", gpu)
-        nlist = int(min(65536, max(16, 4 * math.sqrt(n))))  # lists of ~√M/4 rows: a query reads ~√M rows
+        nlist = int(min(65536, max(16, NLIST_PER_SQRT * math.sqrt(n))))
         return _Plan("ivf", gpu, nlist, NPROBE)
 
     def _new_index(self, plan: _Plan, train: np.ndarray):
@@ -289,7 +290,7 @@ class NeuronIndex:
             return res, np.ones(res.heights.size, dtype=bool)
         # 1. kNN graph
         copy_h = F32_ERR * radius  # rows closer than this are copies of one neuron to float32 precision
-        nbr, dist = self._knn(vectors, rows, border=2 * (copy_h + delta))
+        nbr, dist = self._knn(vectors, rows, copy_h=copy_h)
         same = _copy_edges(nbr, dist, copy_h, kept_vectors, shift)
         info["knn_s"] = time.perf_counter() - t
         plan = self._plan
@@ -352,12 +353,13 @@ class NeuronIndex:
         LOG.info("faiss backend: %s", info)
         return res, exact
 
-    def _knn(self, vectors, rows, border: float = 0.0):
+    def _knn(self, vectors, rows, copy_h: float = 0.0):
         """k nearest other rows of every kept row (positions among the kept rows; −1 where none).
 
-        A CPU IVF index built here reads one list per row, and a second one for rows whose two
-        nearest centroids are within ``border`` of each other: a copy of the row within
-        border/2 can lie in that list only."""
+        A CPU IVF index built here reads one list per row, and also the second nearest list of
+        a row whose two nearest centroids are within 2·copy_h of each other: only there can a
+        copy of the row (within copy_h; copy_h is itself a generous float32 rounding scale) lie
+        in another list. Missing one only leaves a cluster uncertified, never wrong."""
         m = rows.size
         k = min(self.k, m - 1)
         streamed = self._index is not None and self._plan is not None
@@ -374,7 +376,7 @@ class NeuronIndex:
             del data
             pos, extra = None, 0
             if self._plan.kind == "ivf" and not self._plan.gpu:  # the rows are the queries: assign them once
-                assign, near_border = self._preassign(index, vectors, rows, border)
+                assign, near_border = self._preassign(index, vectors, rows, copy_h)
             else:
                 assign = None
                 for s in range(0, m, BLOCK):
@@ -398,9 +400,9 @@ class NeuronIndex:
         self._search_index = index if pos is None else None  # an exact flat index over the kept rows serves _ball
         return nbr, dist
 
-    def _preassign(self, index, vectors, rows, border: float) -> tuple[np.ndarray, np.ndarray]:
+    def _preassign(self, index, vectors, rows, copy_h: float) -> tuple[np.ndarray, np.ndarray]:
         """Add the rows to a CPU IVF index by one pass of its quantizer; return each row's two
-        nearest lists and whether the second is within ``border`` of the first (one pass serves
+        nearest lists and whether a copy of the row could lie in the second (one pass serves
         adding and searching)."""
         from faiss.contrib.ivf_tools import add_preassigned
 
@@ -413,7 +415,7 @@ class NeuronIndex:
             add_preassigned(ivf, x, np.ascontiguousarray(a[:, 0]))  # ids run on: s, s+1, …
             assign[s : s + len(x)] = a
             d = np.sqrt(np.maximum(d, 0))
-            near[s : s + len(x)] = (a[:, 1] >= 0) & (d[:, 1] - d[:, 0] <= border)
+            near[s : s + len(x)] = (a[:, 1] >= 0) & (d[:, 1] - d[:, 0] <= 2 * copy_h)
         return assign, near
 
     def knn_exact(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -444,16 +446,19 @@ class NeuronIndex:
 
 
 def _search_lists(index, xq, k, assign, two) -> tuple[np.ndarray, np.ndarray]:
-    """IVF search of pre-assigned queries: their first list, and the second too where ``two``."""
+    """IVF search of pre-assigned queries in their first list, and (``two``) in their second
+    list too, merging the hits."""
     from faiss.contrib.ivf_tools import search_preassigned
 
     ivf = _faiss().extract_index_ivf(index)
-    D = np.empty((len(xq), k), dtype=np.float32)
-    I = np.empty((len(xq), k), dtype=np.int64)
-    for nprobe, sel in ((1, ~two), (2, two)):
-        if sel.any():
-            ivf.nprobe = nprobe
-            D[sel], I[sel] = search_preassigned(ivf, np.ascontiguousarray(xq[sel]), k, np.ascontiguousarray(assign[sel, :nprobe]), None)
+    ivf.nprobe = 1
+    D, I = search_preassigned(ivf, xq, k, np.ascontiguousarray(assign[:, :1]), None)
+    if two.any():
+        D2, I2 = search_preassigned(ivf, np.ascontiguousarray(xq[two]), k, np.ascontiguousarray(assign[two, 1:2]), None)
+        Dm, Im = np.hstack([D[two], D2]), np.hstack([I[two], I2])
+        Dm = np.where(Im >= 0, Dm, np.inf)
+        order = np.argsort(Dm, axis=1, kind="stable")[:, :k]
+        D[two], I[two] = np.take_along_axis(Dm, order, 1), np.take_along_axis(Im, order, 1)
     return D, I
 
 
@@ -783,39 +788,36 @@ def _upper(dendro: _Dendrogram, vectors, shift, leaf_idx, leaf_rows, leaf_node, 
 
 
 def _ball(owner: NeuronIndex, vectors, shift, sets: list[np.ndarray], *, delta: float) -> np.ndarray:
-    """For each set of rows, a lower bound on the distance from its rows to every other row.
+    """For each set S of rows, a lower bound τ_S on the distance from its rows to every other row.
 
-    One exact search around each set's centroid c for its |S| + K_OUT nearest rows: a row the
-    search did not return is at least (distance of the last hit) − ρ − δ from every member
-    (ρ: the set's radius around c, δ: float32 rounding); the returned non-members are measured
-    exactly (float64).
+    Every row is compared (exactly: all rows, in blocks, one matrix product per block) with each
+    set's centroid c: a row outside S lies at least ‖x − c‖ − ρ from every member (ρ: the set's
+    radius around c), and float32 rounding costs at most δ.
     """
     m = len(vectors)
     out = np.full(len(sets), np.inf)
-    sizes = np.array([len(r) for r in sets], dtype=np.int64)
-    # sets of similar size share one search (k = largest |S| + K_OUT of the group)
-    for group in np.split(np.argsort(sizes, kind="stable"), np.flatnonzero(np.diff(np.sort(np.ceil(np.log2(sizes + 1))))) + 1):
-        if not group.size:
-            continue
-        xs = [np.asarray(vectors[sets[j]], dtype=np.float64) - shift for j in group]
-        cents = np.vstack([x.mean(axis=0) for x in xs])
-        kk = min(m, int(sizes[group].max()) + K_OUT)
-        D, I = owner.knn_exact(cents, vectors, kk)
-        for q, (j, x) in enumerate(zip(group.tolist(), xs)):
-            r = sets[j]
-            if len(r) == m:
-                continue
-            rho = float(np.sqrt(np.einsum("ij,ij->i", x - cents[q], x - cents[q]).max()))
-            hits = I[q][I[q] >= 0]
-            others = np.setdiff1d(hits, r, assume_unique=True)
-            bound = math.inf if kk >= m else float(D[q, -1]) - rho - delta
-            if others.size:
-                y = np.asarray(vectors[others], dtype=np.float64) - shift
-                yy, xx = np.einsum("ij,ij->i", y, y), np.einsum("ij,ij->i", x, x)
-                d2 = yy[:, None] + xx[None, :] - 2 * y @ x.T
-                slack = 1e-13 * float(yy.max() + xx.max())  # float64 rounding of the expansion
-                bound = min(bound, math.sqrt(max(float(d2.min()) - slack, 0.0)))
-            out[j] = bound
+    if not sets:
+        return out
+    xs = [np.asarray(vectors[r], dtype=np.float64) - shift for r in sets]
+    cents = np.vstack([x.mean(axis=0) for x in xs])
+    rho = np.array([np.sqrt(np.einsum("ij,ij->i", x - c, x - c).max()) for x, c in zip(xs, cents)])
+    c32 = cents.astype(np.float32)
+    cc = np.einsum("ij,ij->i", c32, c32)
+    member_row = np.concatenate(sets)
+    member_set = np.repeat(np.arange(len(sets)), [len(r) for r in sets])
+    order = np.argsort(member_row, kind="stable")
+    member_row, member_set = member_row[order], member_set[order]
+    nearest = np.full(len(sets), np.inf, dtype=np.float32)
+    step = max(1024, (1 << 26) // max(1, len(sets)))  # a block's distance matrix stays near 256 MB
+    for s in range(0, m, step):
+        xb = owner._f32(vectors[s : s + step])
+        d2 = np.einsum("ij,ij->i", xb, xb)[:, None] + cc[None, :] - 2 * (xb @ c32.T)
+        lo, hi = np.searchsorted(member_row, [s, s + len(xb)])
+        d2[member_row[lo:hi] - s, member_set[lo:hi]] = np.inf  # a set's own rows are not outside it
+        np.minimum(nearest, d2.min(axis=0), out=nearest)
+    for j, r in enumerate(sets):
+        if len(r) < m:
+            out[j] = math.sqrt(max(float(nearest[j]), 0.0)) - rho[j] - delta
     return out
 
 
