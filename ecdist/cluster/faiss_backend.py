@@ -7,6 +7,8 @@ only grow). The backend builds on that:
 
 1. **kNN graph.** The rows go into a FAISS index (exact ``IndexFlatL2`` up to ``exact_max`` rows,
    IVF above; moved to the GPU when FAISS has one), searched in blocks for k neighbours each.
+   Copies of one neuron that the graph leaves apart (more ties than k, IVF list borders) are
+   joined by a search over the centroids of groups of near-identical rows.
 2. **Leaves.** The graph's minimum spanning tree, read bottom-up (single linkage), grows sets of
    rows ("leaves") while their exact linkage fits a work budget (pairs of rows) and
    ``max_component`` rows; near-identical rows (copies of one neuron) always join.
@@ -16,19 +18,21 @@ only grow). The backend builds on that:
    spreads (root-mean-square distance of their members), made monotone.
 4. **Rules.** The same ``rules.stable_rule`` / ``rules.reference_rule`` read that dendrogram.
 
-What is exact. Each leaf L gets τ_L, a lower bound on its distance to every row outside it, from
-an exact brute-force search around its centroid (and, with the flat index, from the kNN graph):
-below τ_L the dendrogram is the exact one. A kept cluster of the stable rule is *certified*
-(``Clusters.exact``) when the rule's decision about it depends only on heights below τ_L whatever
-the exact dendrogram does above: its birth, its core and a lifetime that beats all its ancestors'
-(see ``_certify``). A certified cluster is kept, with the same rows, by the exact backend. The
-exact backend can keep clusters that are born above τ — debris that coalesces late, in low input
-dimension — and the reference rule cuts at a single global height that usually lies above τ, so
-it is exact only when the whole layer fits one leaf (up to ``sqrt(2·work)`` rows): those are the
-cases where the two backends can differ.
+What is exact. For a set S of rows (a neuron's copies under a kept cluster; a leaf), τ_S bounds
+from below the distance from S to every other row; it comes from all rows' exact distances to S's
+centroid (``_ball``), so it holds whatever the index missed. The exact dendrogram merges S's rows
+below τ_S as S's own linkage does, and the FAISS one does too. A kept cluster of the stable rule
+is *certified* (``Clusters.exact``) when the rule's decision about it depends only on heights
+below τ_S, whatever the exact dendrogram does above: its birth, its core, and a lifetime that
+beats its ancestors' (``_certify``). A certified cluster is kept, with the same rows, by the
+exact backend. The exact backend can keep clusters born above every τ — debris that coalesces
+late, at low input dimension — and the reference rule cuts at one global height that usually
+lies above them, so its FAISS result is exact only when the whole layer fits one exact linkage
+(``WORK_MIN``: 1,000 rows): those are the cases where the two backends can differ.
 
 Memory: the vectors, a float32 copy in the index, k neighbours per row (int64 + float32), the
-tree (a few arrays of M), and one leaf's condensed distances at a time (``max_component`` rows).
+spanning tree and the dendrogram (a few arrays of M), and the condensed distances of one exact
+linkage at a time (at most ``max_component`` rows).
 """
 from __future__ import annotations
 
@@ -53,10 +57,8 @@ NPROBE = 2  # IVF lists searched per query (pre-assigned CPU search: 1, 2 for ro
 MAX_COMPONENT = 4096  # rows of the largest exact linkage: 8 M pairs, 67 MB of condensed distances
 WORK_MIN = 500_000  # exact-linkage budget in pairs of rows: a layer of ≤ 1,000 rows is linked exactly...
 WORK_PER_ROW = 64  # ... and above that 64 pairs per row, so the exact step stays linear in M
-K_OUT = 16  # rows outside a leaf that its centroid search looks at
 BLOCK = 1 << 15  # query rows per search call
-GPU_MAX_K = 2048  # FAISS GPU k-selection limit
-F32_ERR = float(np.sqrt(4 * np.finfo(np.float32).eps))  # float32 distance error per unit radius and √(D+8)
+F32_ERR = float(np.sqrt(4 * np.finfo(np.float32).eps))  # float32 distance error: × √(D+8) × radius (bound), × radius (copies)
 
 
 def _faiss():
@@ -106,7 +108,7 @@ class NeuronIndex:
         >>> index = NeuronIndex(6)
         >>> for s in range(10):                          # one student per pack
         ...     rows = np.vstack([teacher[rng.permutation(3)], rng.standard_normal((2, 6))])
-        ...     index.add(rows, np.full(5, s))
+        ...     _ = index.add(rows, np.full(5, s))
         >>> index.cluster(gamma=0.5, beta=np.pi / 6).n_clusters
         3
     """
@@ -332,7 +334,7 @@ class NeuronIndex:
         info["exact_pairs"] = exact_work
         info["linkage_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        _upper(dendro, kept_vectors, shift, leaf_idx, leaf_rows, leaf_node, grow.refused, self)
+        _upper(dendro, kept_vectors, shift, leaf_idx, leaf_rows, leaf_node, grow.refused)
         Zhat = self.linkage_ = dendro.linkage()
         info["upper_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -397,7 +399,6 @@ class NeuronIndex:
             I, D = _drop_self(I, D, np.arange(s, s + len(q)), k)
             nbr[s : s + len(q)] = I
             dist[s : s + len(q)] = D
-        self._search_index = index if pos is None else None  # an exact flat index over the kept rows serves _ball
         return nbr, dist
 
     def _preassign(self, index, vectors, rows, copy_h: float) -> tuple[np.ndarray, np.ndarray]:
@@ -417,32 +418,6 @@ class NeuronIndex:
             d = np.sqrt(np.maximum(d, 0))
             near[s : s + len(x)] = (a[:, 1] >= 0) & (d[:, 1] - d[:, 0] <= 2 * copy_h)
         return assign, near
-
-    def knn_exact(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact k nearest rows of ``vectors`` to each query (shifted coordinates): the flat index
-        when it holds them, else brute force in blocks of rows (GPU when there is one)."""
-        faiss = _faiss()
-        xq = np.ascontiguousarray(queries, dtype=np.float32)
-        k = min(k, len(vectors))
-        gpu = self._plan is not None and self._plan.gpu and k <= GPU_MAX_K
-        index = getattr(self, "_search_index", None)
-        if index is not None and self._plan.kind == "flat" and (k <= GPU_MAX_K or not self._plan.gpu):
-            D, I = index.search(xq, k)
-            return np.sqrt(np.maximum(D, 0)), I
-        step = BLOCK * 8
-        heap = faiss.ResultHeap(len(xq), k) if len(vectors) > step else None
-        for s in range(0, len(vectors), step):
-            xb = self._f32(vectors[s : s + step])
-            kb = min(k, len(xb))
-            D, I = faiss.knn_gpu(self._res, xq, xb, kb) if gpu else faiss.knn(xq, xb, kb)
-            if heap is None:
-                return np.sqrt(np.maximum(D, 0)), I
-            if kb < k:
-                D = np.hstack([D, np.full((len(xq), k - kb), np.inf, dtype=np.float32)])
-                I = np.hstack([I, np.full((len(xq), k - kb), -1, dtype=np.int64)])
-            heap.add_result(D, np.where(I >= 0, I + s, -1))
-        heap.finalize()
-        return np.sqrt(np.maximum(heap.D, 0)), heap.I
 
 
 def _search_lists(index, xq, k, assign, two) -> tuple[np.ndarray, np.ndarray]:
@@ -722,7 +697,7 @@ class _Stats:
         return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def _upper(dendro: _Dendrogram, vectors, shift, leaf_idx, leaf_rows, leaf_node, refused, owner: NeuronIndex) -> None:
+def _upper(dendro: _Dendrogram, vectors, shift, leaf_idx, leaf_rows, leaf_node, refused) -> None:
     """Join the leaves into one tree: along the refused spanning-tree edges (shortest first), then
     across the kNN graph's components by their centroids; heights are RMS distances, made monotone."""
     stats = _Stats(vectors, shift)
