@@ -55,7 +55,11 @@ class Config:
         default="auto",
     )
     device: str = _doc("auto (CUDA when available), cpu or cuda", default="auto")
-    cluster_backend: str = _doc("auto or scipy (exact average linkage)", default="auto")
+    cluster_backend: str = _doc(
+        "auto (scipy up to 5,000 neuron vectors, faiss above), scipy (exact average linkage, O(M²) memory) or "
+        "faiss (kNN graph + exact linkage of its pieces, memory linear in M; GPU when FAISS has one)",
+        default="auto",
+    )
     cluster_rule: str = _doc(
         "stable (ours: long-lived clusters of distinct students) or reference (the authors' cut)",
         default="stable",
@@ -213,7 +217,7 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": _one_of("float64", "float32"),
     "backend": _one_of("auto", "local", "ray"),
     "device": _one_of("auto", "cpu", "cuda"),
-    "cluster_backend": _one_of("auto", "scipy"),
+    "cluster_backend": _one_of("auto", "scipy", "faiss"),
     "cluster_rule": _one_of("stable", "reference"),
     "min_separation": (_num(1, math.inf, lo_open=False, hi_open=True), "a number >= 1"),
     "drop": (_num(0, 1, lo_open=False, hi_open=True), "a number in [0, 1)"),

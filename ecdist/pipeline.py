@@ -199,6 +199,9 @@ def _recover(
             "packs_resumed_from": [r.resumed_from for r in results],
             "pack_nodes": [r.node for r in results],
             "data_fingerprint": fingerprint,
+            # the clustering backend each layer used (auto resolves by size)
+            "cluster_backend": layer_results[0].clustering.backend if len(layer_results) == 1
+            else [layer.clustering.backend for layer in layer_results],
         },
         timings=timings | {"total": time.perf_counter() - t0},
         final_rel_mse=final,
@@ -506,7 +509,7 @@ def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float]
         "finish_lm": finish,
         "device": device,
         "backend": "local" if ray_resources is None else "ray",
-        "cluster_backend": "scipy",
+        "cluster_backend": config.cluster_backend,  # resolved after clustering (Clusters.backend)
     }
     if ray_resources is None:
         size = config.pack_size or max_size

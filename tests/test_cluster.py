@@ -1,6 +1,11 @@
 """Clustering: perfect students (reference §11 item 2), the cut rule, the γ/β filters, input
 validation, and invariance of the kept partition to the order of the students.
 
+Tests that cluster run on every backend (the ``backend`` fixture): ``scipy``; ``faiss`` (which
+links a layer this small in one exact piece); and ``faiss-pieces``, FAISS with no exact-linkage
+budget, so that every neuron's copies are a piece of their own and the tree above them is built
+from the kNN graph — the path a layer of a million rows takes.
+
 A "perfect student" holds every teacher neuron exactly (random order, random sign with the
 outgoing weight flipped to match, one neuron split into two copies whose outgoing weights add
 up to the teacher's) and fills its other slots with small debris of outgoing weight 0. Every
@@ -20,7 +25,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 import ecdist
 from ecdist.activations import REGISTRY
-from ecdist.cluster import Clusters, cluster_layer, cluster_neurons, min_students, rules
+from ecdist.cluster import Clusters, cluster_layer, cluster_neurons, faiss_backend, min_students, rules
 
 TANH = REGISTRY["tanh"]
 R, N, WIDTH = 4, 10, 16
@@ -81,32 +86,45 @@ def owner_codes(owner: np.ndarray) -> np.ndarray:
     return np.unique(owner, return_inverse=True)[1]
 
 
+@pytest.fixture(params=["scipy", "faiss", "faiss-pieces"])
+def backend(request, monkeypatch) -> str:
+    if request.param == "faiss-pieces":  # no exact-linkage budget: each neuron's copies form their own piece
+        monkeypatch.setattr(faiss_backend, "WORK_MIN", 0)
+        monkeypatch.setattr(faiss_backend, "WORK_PER_ROW", 0)
+        return "faiss"
+    return request.param
+
+
 # ----- perfect students: the default rule -------------------------------------------------------
-@pytest.mark.parametrize("backend", ["auto", "scipy"])
+@pytest.mark.parametrize("auto", [False, True])
 @pytest.mark.parametrize("d_in", [2, 5, 20])
-def test_stable_rule_with_weights_keeps_exactly_the_teacher_neurons(d_in, backend):
+def test_stable_rule_with_weights_keeps_exactly_the_teacher_neurons(d_in, backend, auto):
+    if auto and backend != "scipy":
+        pytest.skip("auto is one backend")
     for seed in SEEDS:
         p = perfect_students(d_in, seed)
         res = cluster_layer(
-            p["vectors"], p["sid"], 0.5, math.pi / 6, rule="stable", weights=p["contrib"], backend=backend
+            p["vectors"], p["sid"], 0.5, math.pi / 6, rule="stable", weights=p["contrib"],
+            backend="auto" if auto else backend,
         )
-        assert res.backend == "scipy"  # the only backend so far; "auto" resolves to it
+        assert res.backend == backend  # "auto" is scipy for a layer this small
+        assert res.exact.all()
         assert res.n_clusters == R, f"seed {seed}"
         assert partition(res.labels) == teacher_partition(p["owner"]), f"seed {seed}"
         np.testing.assert_array_equal(res.dropped, p["owner"] < 0)  # debris has contribution 0, nothing else
         assert np.all(res.n_students == N)
         assert np.all(res.median_cos_dist <= 1e-12)
         # cluster_neurons is the same thing, one label per row
-        labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, backend, weights=p["contrib"])
+        labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, res.backend, weights=p["contrib"])
         np.testing.assert_array_equal(labels, res.labels)
 
 
 @pytest.mark.parametrize("d_in", [2, 20])
-def test_kept_clusters_recover_teacher_vectors_and_summed_outgoing_weights(d_in):
+def test_kept_clusters_recover_teacher_vectors_and_summed_outgoing_weights(d_in, backend):
     """§11 item 2: each cluster's vector matches its teacher neuron to 1 − |cos| < 1e-12, and the
     outgoing weights of one student's copies add up to the teacher's (in canonical sign)."""
     p = perfect_students(d_in, seed=3)
-    labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=p["contrib"])
+    labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=p["contrib"], backend=backend)
     teacher_can = TANH.symmetry.canonicalize(p["teacher"], p["a"][:, None])
     for c in range(labels.max() + 1):
         rows = np.flatnonzero(labels == c)
@@ -118,35 +136,35 @@ def test_kept_clusters_recover_teacher_vectors_and_summed_outgoing_weights(d_in)
             np.testing.assert_allclose(p["outgoing"][mine].sum(), teacher_can.outgoing[j, 0], rtol=1e-12, atol=1e-14)
 
 
-def test_stable_rule_without_weights_high_dimension():
+def test_stable_rule_without_weights_high_dimension(backend):
     for seed in SEEDS:
         p = perfect_students(20, seed)
-        labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="stable")
+        labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="stable", backend=backend)
         assert partition(labels) == teacher_partition(p["owner"]), f"seed {seed}"
 
 
-def test_stable_rule_without_weights_low_dimension_with_min_separation():
+def test_stable_rule_without_weights_low_dimension_with_min_separation(backend):
     for seed in SEEDS:
         p = perfect_students(2, seed)
-        labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="stable", min_separation=10)
+        labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="stable", min_separation=10, backend=backend)
         assert partition(labels) == teacher_partition(p["owner"]), f"seed {seed}"
 
 
 # ----- the reference rule: negative control --------------------------------------------------------
-def test_reference_rule_over_counts_at_low_dimension():
+def test_reference_rule_over_counts_at_low_dimension(backend):
     """Reference §10/§11: at d_in = 2 small blobs of debris pass the authors' size and angle filters."""
     counts = [
-        cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="reference").n_clusters
+        cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="reference", backend=backend).n_clusters
         for p in (perfect_students(2, seed) for seed in SEEDS)
     ]
     assert sum(k > R for k in counts) > len(counts) // 2, counts
     assert min(counts) >= R
 
 
-def test_reference_rule_keeps_exactly_four_at_high_dimension():
+def test_reference_rule_keeps_exactly_four_at_high_dimension(backend):
     for seed in SEEDS:
         p = perfect_students(20, seed)
-        res = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="reference")
+        res = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, rule="reference", backend=backend)
         assert res.n_clusters == R, f"seed {seed}"
         assert np.isfinite(res.cut_height)
         # every kept cluster holds every copy of its teacher neuron, and nothing of another one
@@ -232,11 +250,11 @@ def _three_neurons(n_q: int, noise: float = 1e-9, seed: int = 0):
 
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
-def test_cluster_with_one_student_too_few_is_dropped(rule):
+def test_cluster_with_one_student_too_few_is_dropped(rule, backend):
     gamma = 0.5
     need = math.floor(gamma * N)
     V, sid, owner = _three_neurons(n_q=need - 1)
-    res = cluster_layer(V, sid, gamma, math.pi / 6, rule=rule, n_students=N)
+    res = cluster_layer(V, sid, gamma, math.pi / 6, rule=rule, n_students=N, backend=backend)
     assert res.min_students == need
     kept = {frozenset(np.flatnonzero(owner == x).tolist()) for x in ("P", "R")}
     assert partition(res.labels) == kept
@@ -244,10 +262,10 @@ def test_cluster_with_one_student_too_few_is_dropped(rule):
 
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
-def test_cluster_with_exactly_enough_students_is_kept(rule):
+def test_cluster_with_exactly_enough_students_is_kept(rule, backend):
     gamma = 0.5
     V, sid, owner = _three_neurons(n_q=math.floor(gamma * N))
-    res = cluster_layer(V, sid, gamma, math.pi / 6, rule=rule, n_students=N)
+    res = cluster_layer(V, sid, gamma, math.pi / 6, rule=rule, n_students=N, backend=backend)
     assert partition(res.labels) == teacher_partition(owner_codes(owner))
     assert sorted(res.n_students.tolist()) == [5, 5, 10]
 
@@ -266,14 +284,14 @@ def _spread_cluster(cos: float = 0.4):
 
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
-def test_angle_filter(rule):
+def test_angle_filter(rule, backend):
     """§11 item 4: median pairwise cosine distance 0.6: dropped at β = π/3 (0.5), kept at β = π/2.4 (≈0.741)."""
     V, sid, spread_rows, far_rows = _spread_cluster(cos=0.4)
     assert abs(rules.median_cos_distance(V, spread_rows) - 0.6) < 1e-12
     assert 1 - math.cos(math.pi / 3) < 0.6 < 1 - math.cos(math.pi / 2.4)
-    strict = cluster_layer(V, sid, 0.5, math.pi / 3, rule=rule)
+    strict = cluster_layer(V, sid, 0.5, math.pi / 3, rule=rule, backend=backend)
     assert partition(strict.labels) == {frozenset(far_rows.tolist())}
-    loose = cluster_layer(V, sid, 0.5, math.pi / 2.4, rule=rule)
+    loose = cluster_layer(V, sid, 0.5, math.pi / 2.4, rule=rule, backend=backend)
     assert partition(loose.labels) == {frozenset(far_rows.tolist()), frozenset(spread_rows.tolist())}
     spread_label = loose.labels[spread_rows[0]]
     assert abs(loose.median_cos_dist[spread_label] - 0.6) < 1e-12
@@ -294,10 +312,10 @@ def test_gamma_times_n_below_two_raises_naming_gamma():
 
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
-def test_single_student_raises(gamma):
+def test_single_student_raises(gamma, backend):
     V = np.random.default_rng(0).standard_normal((6, 4))
     with pytest.raises(ecdist.ConfigError, match="gamma"):
-        cluster_neurons(V, np.zeros(6, dtype=int), gamma, math.pi / 6)
+        cluster_neurons(V, np.zeros(6, dtype=int), gamma, math.pi / 6, backend=backend)
 
 
 @settings(max_examples=80, deadline=None)
@@ -352,24 +370,38 @@ def test_non_finite_vectors_raise(bad):
         cluster_neurons(V, sid, 0.5, math.pi / 6)
 
 
-def test_beta_of_exactly_half_pi_is_allowed():
+def test_beta_of_exactly_half_pi_is_allowed(backend):
     V, sid = _ok_input()
-    labels = cluster_neurons(V, sid, 0.5, math.pi / 2)
+    labels = cluster_neurons(V, sid, 0.5, math.pi / 2, backend=backend)
     assert labels.shape == (len(V),)
 
 
-def test_auto_backend_refuses_more_rows_than_scipy_can_hold():
+def test_scipy_backend_refuses_more_rows_than_it_can_hold():
     from ecdist.cluster import SCIPY_MAX_ROWS
 
     m = SCIPY_MAX_ROWS + 1
     V = np.ones((m, 2))
-    with pytest.raises(ecdist.ConfigError, match="cluster_backend"):
-        cluster_layer(V, np.arange(m) % 10, 0.5, math.pi / 6, backend="auto")
+    with pytest.raises(ecdist.ConfigError, match="cluster_backend.*faiss"):
+        cluster_layer(V, np.arange(m) % 10, 0.5, math.pi / 6, backend="scipy")
+
+
+def test_auto_backend_is_scipy_up_to_its_limit_and_faiss_above():
+    from ecdist.cluster import AUTO_SCIPY_MAX
+
+    rng = np.random.default_rng(0)
+    T = rng.standard_normal((4, 6))
+    for m, expected in ((AUTO_SCIPY_MAX, "scipy"), (AUTO_SCIPY_MAX + 1, "faiss")):
+        sid = np.arange(m) % 10
+        V = T[np.arange(m) % 4] + 1e-9 * rng.standard_normal((m, 6))  # copies of 4 neurons in every student
+        res = cluster_layer(V, sid, 0.5, math.pi / 6, backend="auto")
+        assert res.backend == expected
+        assert partition(res.labels) == teacher_partition(np.arange(m) % 4)
 
 
 # ----- invariance and edge cases ---------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
 @given(
+    backend=st.sampled_from(["scipy", "faiss"]),
     seed=st.sampled_from(list(SEEDS)),
     d_in=st.sampled_from([5, 20]),
     use_weights=st.booleans(),
@@ -377,9 +409,9 @@ def test_auto_backend_refuses_more_rows_than_scipy_can_hold():
     perm_seed=st.integers(0, 2**32 - 1),
     relabel=st.booleans(),
 )
-def test_partition_does_not_depend_on_student_order(seed, d_in, use_weights, rule, perm_seed, relabel):
+def test_partition_does_not_depend_on_student_order(backend, seed, d_in, use_weights, rule, perm_seed, relabel):
     p = perfect_students(d_in, seed)
-    kw = {"rule": rule, "weights": p["contrib"] if use_weights else None}
+    kw = {"rule": rule, "weights": p["contrib"] if use_weights else None, "backend": backend}
     base = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, **kw)
     rng = np.random.default_rng(perm_seed)
     order = rng.permutation(N)
@@ -394,20 +426,21 @@ def test_partition_does_not_depend_on_student_order(seed, d_in, use_weights, rul
     assert back == partition(base)
 
 
-def test_labels_are_numbered_by_smallest_member():
+def test_labels_are_numbered_by_smallest_member(backend):
     p = perfect_students(20, seed=1)
-    labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=p["contrib"])
+    labels = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=p["contrib"], backend=backend)
     assert labels.dtype.kind == "i"
     assert set(np.unique(labels).tolist()) == {-1, 0, 1, 2, 3}
     first_rows = [np.flatnonzero(labels == c).min() for c in range(4)]
     assert first_rows == sorted(first_rows)
 
 
-def test_cluster_result_fields_agree_with_labels():
+def test_cluster_result_fields_agree_with_labels(backend):
     p = perfect_students(5, seed=2)
-    res = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=p["contrib"])
+    res = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=p["contrib"], backend=backend)
     assert isinstance(res, Clusters)
-    assert res.rule == "stable" and res.backend == "scipy" and res.min_students == 5
+    assert res.rule == "stable" and res.backend == backend and res.min_students == 5
+    assert res.exact.shape == (res.n_clusters,) and res.exact.all()
     assert np.isnan(res.cut_height)
     for c in range(res.n_clusters):
         rows = np.flatnonzero(res.labels == c)
@@ -420,73 +453,73 @@ def test_cluster_result_fields_agree_with_labels():
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
 @pytest.mark.parametrize("d_in", [5, 20])
-def test_float32_gives_the_float64_partition(rule, d_in):
+def test_float32_gives_the_float64_partition(rule, d_in, backend):
     p = perfect_students(d_in, seed=4)
     kw = {"rule": rule, "weights": p["contrib"]}
-    l64 = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, **kw)
-    l32 = cluster_neurons(p["vectors"].astype(np.float32), p["sid"], 0.5, math.pi / 6, **kw)
+    l64 = cluster_neurons(p["vectors"], p["sid"], 0.5, math.pi / 6, **kw, backend=backend)
+    l32 = cluster_neurons(p["vectors"].astype(np.float32), p["sid"], 0.5, math.pi / 6, **kw, backend=backend)
     assert partition(l32) == partition(l64) == teacher_partition(p["owner"])
 
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
-def test_no_cluster_spans_enough_students_gives_all_minus_one(rule):
+def test_no_cluster_spans_enough_students_gives_all_minus_one(rule, backend):
     """One neuron held by 4 of N = 10 students (and nothing else): no cluster reaches ⌊0.5·10⌋ = 5."""
     rng = np.random.default_rng(0)
     V = np.tile(rng.standard_normal((1, 5)), (4, 1)) + 1e-9 * rng.standard_normal((4, 5))
-    res = cluster_layer(V, np.arange(4), 0.5, math.pi / 6, rule=rule, n_students=N)
+    res = cluster_layer(V, np.arange(4), 0.5, math.pi / 6, rule=rule, n_students=N, backend=backend)
     assert res.n_clusters == 0
     np.testing.assert_array_equal(res.labels, -1)
     assert res.size.shape == res.height.shape == res.median_cos_dist.shape == (0,)
 
 
-def test_every_cluster_failing_the_angle_test_gives_all_minus_one():
+def test_every_cluster_failing_the_angle_test_gives_all_minus_one(backend):
     """Reference rule, one spread cluster over all 10 students: dropped at β = π/3, kept at π/2.4."""
     V, sid, spread_rows, far_rows = _spread_cluster(cos=0.4)
     V, sid = V[spread_rows], sid[spread_rows]
-    labels = cluster_neurons(V, sid, 0.5, math.pi / 3, rule="reference")
+    labels = cluster_neurons(V, sid, 0.5, math.pi / 3, rule="reference", backend=backend)
     np.testing.assert_array_equal(labels, -1)
-    np.testing.assert_array_equal(cluster_neurons(V, sid, 0.5, math.pi / 2.4, rule="reference"), 0)
+    np.testing.assert_array_equal(cluster_neurons(V, sid, 0.5, math.pi / 2.4, rule="reference", backend=backend), 0)
 
 
-def test_rows_below_drop_are_left_out():
+def test_rows_below_drop_are_left_out(backend):
     """A teacher neuron whose copies contribute less than ``drop`` × the largest contribution."""
     p = perfect_students(20, seed=0)
     weak = 2
     w = p["contrib"].copy()
     w[p["owner"] == weak] *= 1e-4
-    res = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=w, drop=1e-3)
+    res = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=w, drop=1e-3, backend=backend)
     np.testing.assert_array_equal(res.dropped, w < 1e-3 * w.max())
     assert res.dropped[p["owner"] == weak].all()
     assert partition(res.labels) == teacher_partition(np.where(p["owner"] == weak, -1, p["owner"]))
     # drop = 0 keeps every row with a positive contribution
-    res0 = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=w, drop=0.0)
+    res0 = cluster_layer(p["vectors"], p["sid"], 0.5, math.pi / 6, weights=w, drop=0.0, backend=backend)
     assert not res0.dropped.any()
 
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
-def test_weights_that_drop_almost_everything(rule):
+def test_weights_that_drop_almost_everything(rule, backend):
     """Only one row above ``drop`` × max: nothing left to cluster, every label is −1, no error."""
     V, sid = _ok_input()
     w = np.zeros(len(V))
     w[3] = 1.0
-    res = cluster_layer(V, sid, 0.5, math.pi / 6, rule=rule, weights=w)
+    res = cluster_layer(V, sid, 0.5, math.pi / 6, rule=rule, weights=w, backend=backend)
     assert res.dropped.sum() == len(V) - 1
     np.testing.assert_array_equal(res.labels, -1)
 
 
 @pytest.mark.parametrize("rule", ["stable", "reference"])
-def test_exact_duplicates_of_two_neurons(rule):
+def test_exact_duplicates_of_two_neurons(rule, backend):
     """Every student holds identical copies (all merge heights 0 within a neuron), one duplicated."""
     rng = np.random.default_rng(5)
     T = rng.standard_normal((2, 4))
     V = np.vstack([T[0], T[1], T[1]] * N)
     sid = np.repeat(np.arange(N), 3)
     owner = np.tile([0, 1, 1], N)
-    labels = cluster_neurons(V, sid, 0.5, math.pi / 6, rule=rule)
+    labels = cluster_neurons(V, sid, 0.5, math.pi / 6, rule=rule, backend=backend)
     assert partition(labels) == teacher_partition(owner)
 
 
-def test_stable_rule_keeps_a_lone_teacher_neuron():
+def test_stable_rule_keeps_a_lone_teacher_neuron(backend):
     rng = np.random.default_rng(0)
     neuron = rng.standard_normal(4)
     V, sid, w = [], [], []
@@ -499,21 +532,21 @@ def test_stable_rule_keeps_a_lone_teacher_neuron():
             sid.append(s)
             w.append(0.0)
     V, sid, w = np.array(V), np.array(sid), np.array(w)
-    labels = cluster_neurons(V, sid, 0.5, math.pi / 6, rule="stable", weights=w)
+    labels = cluster_neurons(V, sid, 0.5, math.pi / 6, rule="stable", weights=w, backend=backend)
     assert partition(labels) == {frozenset(np.flatnonzero(w > 0).tolist())}
 
 
-def test_reference_rule_keeps_a_lone_teacher_neuron():
+def test_reference_rule_keeps_a_lone_teacher_neuron(backend):
     """The same lone cluster under the authors' rule."""
     V = np.tile(np.random.default_rng(0).standard_normal((1, 4)), (N, 1))
-    labels = cluster_neurons(V, np.arange(N), 0.5, math.pi / 6, rule="reference")
+    labels = cluster_neurons(V, np.arange(N), 0.5, math.pi / 6, rule="reference", backend=backend)
     np.testing.assert_array_equal(labels, 0)
 
 
-def test_cluster_neurons_returns_one_label_per_row():
+def test_cluster_neurons_returns_one_label_per_row(backend):
     for d_in in (2, 20):
         p = perfect_students(d_in, seed=7)
-        labels = cluster_neurons(p["vectors"], p["sid"])
+        labels = cluster_neurons(p["vectors"], p["sid"], backend=backend)
         assert isinstance(labels, np.ndarray)
         assert labels.shape == (len(p["vectors"]),)
         assert labels.min() >= -1
@@ -522,7 +555,7 @@ def test_cluster_neurons_returns_one_label_per_row():
 
 
 @pytest.mark.parametrize("gamma", [np.float32(0.5), np.int64(1)])
-def test_numpy_scalar_gamma_is_accepted(gamma):
+def test_numpy_scalar_gamma_is_accepted(gamma, backend):
     p = perfect_students(20, seed=0)
-    labels = cluster_neurons(p["vectors"], p["sid"], gamma, math.pi / 6, weights=p["contrib"])
+    labels = cluster_neurons(p["vectors"], p["sid"], gamma, math.pi / 6, weights=p["contrib"], backend=backend)
     assert len(partition(labels)) == R

@@ -1,7 +1,10 @@
 """Clustering the students' neurons: the neurons that recur across students are the teacher's.
 
 ``cluster_neurons`` is the one entry point; the backend only decides how the dendrogram is
-built, and the rules in ``rules`` decide which of its nodes are kept.
+built, and the rules in ``rules`` decide which of its nodes are kept. ``scipy``: exact average
+linkage over all pairwise distances (O(M²) memory, the authors' method). ``faiss``: a kNN graph
+from a FAISS index, exact linkage inside pieces of it, the same rules (memory linear in M; see
+``faiss_backend`` for what is exact). ``auto``: scipy up to ``AUTO_SCIPY_MAX`` rows, FAISS above.
 
 Example:
     >>> import numpy as np
@@ -23,10 +26,12 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import rules, scipy_backend
+from .faiss_backend import NeuronIndex
 
 RULES = ("stable", "reference")
-BACKENDS = ("auto", "scipy")
+BACKENDS = ("auto", "scipy", "faiss")
 SCIPY_MAX_ROWS = 40_000  # pdist of 4·10⁴ rows is already 6.4 GB (calibration.md)
+AUTO_SCIPY_MAX = 5_000  # "auto" links up to this many rows exactly (0.6 s, 100 MB), FAISS above
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,9 @@ class Clusters:
     labels: (M,) cluster of each row, −1 for none; dropped: (M,) rows removed as negligible
     before linkage; per kept cluster (K,): size (rows), n_students (distinct), height (of its
     dendrogram node), separation (parent height / height; nan for the reference rule),
-    median_cos_dist; cut_height: the reference rule's cut (nan for stable).
+    median_cos_dist, exact (True where the cluster is provably the one the exact scipy backend
+    keeps: always for scipy; for FAISS see ``faiss_backend``); cut_height: the reference rule's
+    cut (nan for stable); backend: the one that ran ("scipy" or "faiss").
     """
 
     labels: np.ndarray
@@ -50,6 +57,7 @@ class Clusters:
     min_students: int
     rule: str
     backend: str
+    exact: np.ndarray | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -79,6 +87,7 @@ def cluster_layer(
     drop: float = 1e-3,
     n_students: int | None = None,
     min_separation: float = 3.0,
+    device: str = "auto",
 ) -> Clusters:
     """Cluster canonicalised neuron vectors of one layer and keep the teacher's neurons.
 
@@ -86,23 +95,31 @@ def cluster_layer(
     student each row comes from; gamma: a kept cluster spans ≥ ⌊γN⌋ students; beta (radians):
     its members' median pairwise angle stays below β; weights: (M,) output contribution of
     each neuron — rows below ``drop`` × the largest are ignored (they are debris whose
-    incoming vector is arbitrary); n_students: N (default: distinct ``student_ids``).
+    incoming vector is arbitrary); n_students: N (default: distinct ``student_ids``);
+    backend: "auto", "scipy" or "faiss"; device: where FAISS searches ("auto": a GPU when
+    FAISS has one, "cpu", "cuda").
     """
     vectors = np.asarray(vectors)
     student_ids = np.asarray(student_ids)
     _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop)
-    n = int(n_students) if n_students is not None else int(np.unique(student_ids).size)
-    m_req = min_students(gamma, n)
     dropped = np.zeros(len(vectors), dtype=bool)
     if weights is not None and len(vectors):
         w = np.asarray(weights, dtype=np.float64)
         dropped = w < drop * w.max()
     rows = np.flatnonzero(~dropped)
-    used = "scipy"
-    if backend == "auto" and rows.size > SCIPY_MAX_ROWS:
+    used = backend if backend != "auto" else ("scipy" if rows.size <= AUTO_SCIPY_MAX else "faiss")
+    if used == "faiss":
+        index = NeuronIndex(vectors.shape[1], device=device)
+        index.add(vectors, student_ids, weights)
+        return index.cluster(
+            gamma, beta, rule=rule, drop=drop, n_students=n_students, min_separation=min_separation
+        )
+    n = int(n_students) if n_students is not None else int(np.unique(student_ids).size)
+    m_req = min_students(gamma, n)
+    if rows.size > SCIPY_MAX_ROWS:
         raise ConfigError(
             f"cluster_backend: {rows.size} neuron vectors are too many for the exact scipy backend "
-            f"(O(M²) memory, limit {SCIPY_MAX_ROWS}); use fewer students or narrower students"
+            f"(O(M²) memory, limit {SCIPY_MAX_ROWS}); use cluster_backend='faiss' or 'auto'"
         )
     v = vectors[rows].astype(np.float64)
     max_cd = 1 - math.cos(beta)
@@ -114,14 +131,23 @@ def cluster_layer(
             res = rules.stable_rule(Z, v, student_ids[rows], m_req, max_cd, min_separation)
     else:
         res = rules._empty(rows.size)
+    return _finish(vectors, student_ids, rows, dropped, res, m_req, rule, "scipy", np.ones(res.heights.size, bool))
+
+
+def _finish(vectors, student_ids, rows, dropped, res: rules.RuleResult, m_req, rule, backend, exact) -> Clusters:
+    """``Clusters`` from a rule's result on the kept ``rows`` (shared by the backends)."""
     labels = np.full(len(vectors), -1, dtype=np.int64)
     labels[rows] = res.labels
     k = res.heights.size
     size = np.bincount(labels[labels >= 0], minlength=k)[:k]
-    n_st = np.array([np.unique(student_ids[labels == c]).size for c in range(k)], dtype=np.int64)
+    in_kept = labels >= 0
+    _, sid = np.unique(student_ids, return_inverse=True)
+    n_sid = int(sid.max()) + 1 if sid.size else 1
+    pairs = np.unique(labels[in_kept] * n_sid + sid[in_kept])
+    n_st = np.bincount(pairs // n_sid, minlength=k)[:k].astype(np.int64)
     return Clusters(
         labels, dropped, size, n_st, res.heights, res.separation, res.median_cos_dist,
-        res.cut_height, m_req, rule, used,
+        res.cut_height, m_req, rule, backend, np.asarray(exact, dtype=bool),
     )
 
 
@@ -138,6 +164,7 @@ def cluster_neurons(
 
 
 def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -> None:
+    _validate_params(gamma, beta, backend, rule, drop)
     if vectors.ndim != 2:
         raise ConfigError(f"vectors: expected a 2-D array (M, D), got shape {vectors.shape}")
     if student_ids.shape != (vectors.shape[0],):
@@ -146,6 +173,13 @@ def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -
         )
     if not np.isfinite(vectors).all():
         raise ConfigError("vectors: contain NaN or infinite values; the students diverged or the input is corrupt")
+    if weights is not None:
+        w = np.asarray(weights)
+        if w.shape != (vectors.shape[0],) or not np.isfinite(w).all() or (w < 0).any():
+            raise ConfigError("weights: expected one finite, non-negative output contribution per row")
+
+
+def _validate_params(gamma, beta, backend, rule, drop) -> None:
     if not (_real(gamma) and 0 < gamma <= 1):
         raise ConfigError(f"gamma: must be in (0, 1], got {gamma!r}")
     if not (_real(beta) and 0 < beta <= math.pi / 2):
@@ -154,11 +188,7 @@ def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -
         raise ConfigError(f"backend: unknown clustering backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if rule not in RULES:
         raise ConfigError(f"rule: unknown clustering rule {rule!r}; choose one of {', '.join(RULES)}")
-    if weights is not None:
-        w = np.asarray(weights)
-        if w.shape != (vectors.shape[0],) or not np.isfinite(w).all() or (w < 0).any():
-            raise ConfigError("weights: expected one finite, non-negative output contribution per row")
-    if not 0 <= drop < 1:
+    if not (_real(drop) and 0 <= drop < 1):
         raise ConfigError(f"drop: must be in [0, 1), got {drop!r}")
 
 

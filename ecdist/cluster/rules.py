@@ -29,6 +29,34 @@ MAX_ALIGN_SAMPLE = 2000  # members used for a cluster's median pairwise angle (O
 
 
 @dataclass(frozen=True)
+class Chains:
+    """The stable rule's view of a dendrogram: chains of big nodes, their birth and death.
+
+    Per node (2M−1): height, parent (−1 for the root), big, split (both children big), chain
+    (−1 when not big). Per chain: top node, birth (lowest height), death (height of the split
+    above its top; ∞ for a root chain without split, its birth when the root chain holds a
+    split). floor: the height floor that makes identical copies' lifetimes finite.
+    """
+
+    m: int
+    left: np.ndarray
+    right: np.ndarray
+    height: np.ndarray
+    parent: np.ndarray
+    big: np.ndarray
+    split: np.ndarray
+    chain: np.ndarray
+    tops: np.ndarray
+    birth: np.ndarray
+    death: np.ndarray
+    floor: float
+
+    @property
+    def life(self) -> np.ndarray:
+        return (self.death + self.floor) / (self.birth + self.floor)
+
+
+@dataclass(frozen=True)
 class RuleResult:
     """Leaf labels (−1: no kept cluster) and one entry per kept cluster, in label order."""
 
@@ -37,6 +65,17 @@ class RuleResult:
     separation: np.ndarray  # parent height / own height (inf for the root); nan for reference
     median_cos_dist: np.ndarray
     cut_height: float  # the reference rule's cut; nan for stable
+    nodes: np.ndarray | None = None  # dendrogram node of each kept cluster
+    chains: Chains | None = None  # the stable rule's chains (for callers that check its decisions)
+
+
+def height_floor(vectors: np.ndarray) -> float:
+    """64 ulp of the median row norm: below it, merge heights are rounding (identical copies)."""
+    step = 1 << 16  # in blocks: a float32 layer of a million rows is not copied to float64 at once
+    norms = np.concatenate(
+        [np.linalg.norm(np.asarray(vectors[i : i + step], dtype=np.float64), axis=1) for i in range(0, len(vectors), step)]
+    )
+    return float(64 * np.finfo(np.float64).eps * max(float(np.median(norms)), 1e-300))
 
 
 def median_cos_distance(vectors: np.ndarray, rows: np.ndarray) -> float:
@@ -115,33 +154,26 @@ def reference_rule(Z: np.ndarray, vectors: np.ndarray, min_size: int, max_cos_di
     flat = fcluster(Z, cut, criterion="distance")
     roots, root_labels = leaders(Z, flat)
     root_of = dict(zip(root_labels.tolist(), roots.tolist()))
-    kept, heights, meds = [], [], []
-    for c in np.unique(flat):
-        rows = np.flatnonzero(flat == c)
-        if rows.size < min_size:
-            continue
+    counts = np.bincount(flat)
+    order = np.argsort(flat, kind="stable")  # rows of each flat cluster, ascending
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    kept, heights, meds, nodes = [], [], [], []
+    for c in np.flatnonzero(counts >= min_size):
+        rows = order[starts[c] : starts[c + 1]]
         med = median_cos_distance(vectors, rows)
         if med > max_cos_dist:
             continue
         kept.append(rows)
         meds.append(med)
         root = root_of[int(c)]
+        nodes.append(root)
         heights.append(float(Z[root - m, 2]) if root >= m else 0.0)
-    return _result(m, kept, heights, [np.nan] * len(kept), meds, cut)
+    return _result(m, kept, heights, [np.nan] * len(kept), meds, cut, nodes)
 
 
-def stable_rule(
-    Z: np.ndarray,
-    vectors: np.ndarray,
-    student_ids: np.ndarray,
-    min_students: int,
-    max_cos_dist: float,
-    min_separation: float = 3.0,
-) -> RuleResult:
-    """Our rule (see module docstring); ``separation`` in the result is each kept lifetime."""
-    m = vectors.shape[0]
-    if m < max(2, min_students):
-        return _empty(m)
+def stable_chains(Z: np.ndarray, student_ids: np.ndarray, min_students: int, floor: float) -> Chains | None:
+    """Chains of big nodes (spanning ≥ ``min_students`` students) of ``Z``; None when no node is big."""
+    m = Z.shape[0] + 1
     n_nodes = 2 * m - 1
     left, right = Z[:, 0].astype(np.int64), Z[:, 1].astype(np.int64)
     height = np.zeros(n_nodes)
@@ -155,14 +187,13 @@ def stable_rule(
     for i in range(m - 1):
         bits[m + i] = bits[left[i]] | bits[right[i]]
     big = np.bitwise_count(bits).sum(axis=1) >= min_students
+    del bits
     split = np.zeros(n_nodes, dtype=bool)  # both children big: two clusters meet here
     split[m:] = big[left] & big[right]
     # chains of big nodes, top-down (a parent's index is above its children's)
     chain = np.full(n_nodes, -1, dtype=np.int64)
     tops: list[int] = []
-    for v in range(n_nodes - 1, m - 1, -1):
-        if not big[v]:
-            continue
+    for v in np.flatnonzero(big)[::-1].tolist():
         p = parent[v]
         if p >= 0 and not split[p]:
             chain[v] = chain[p]
@@ -170,7 +201,7 @@ def stable_rule(
             chain[v] = len(tops)
             tops.append(v)
     if not tops:
-        return _empty(m)
+        return None
     tops_a = np.asarray(tops)
     members = np.flatnonzero(chain >= 0)
     birth = np.full(len(tops), np.inf)
@@ -181,14 +212,39 @@ def stable_rule(
     death = np.where(parent[tops_a] >= 0, height[np.maximum(parent[tops_a], 0)], np.inf)
     if split[m:][chain[m:] == chain[root]].any():
         death[chain[root]] = birth[chain[root]]
-    # a height floor at rounding level keeps identical copies (height 0) comparable
-    floor = 64 * np.finfo(np.float64).eps * max(float(np.median(np.linalg.norm(vectors, axis=1))), 1e-300)
-    life = (death + floor) / (birth + floor)
+    return Chains(m, left, right, height, parent, big, split, chain, tops_a, birth, death, floor)
+
+
+def stable_rule(
+    Z: np.ndarray,
+    vectors: np.ndarray,
+    student_ids: np.ndarray,
+    min_students: int,
+    max_cos_dist: float,
+    min_separation: float = 3.0,
+    floor: float | None = None,
+) -> RuleResult:
+    """Our rule (see module docstring); ``separation`` in the result is each kept lifetime.
+
+    floor: height floor (default ``height_floor(vectors)``; a caller that passes a subset of
+    the rows passes the floor of all of them).
+    """
+    m = vectors.shape[0]
+    if m < max(2, min_students):
+        return _empty(m)
+    if floor is None:
+        floor = height_floor(vectors)
+    ch = stable_chains(Z, student_ids, min_students, floor)
+    if ch is None:
+        return _empty(m)
+    left, right, height, parent, chain, tops = ch.left, ch.right, ch.height, ch.parent, ch.chain, ch.tops
+    birth, death = ch.birth, ch.death
+    life = ch.life
     middle = np.sqrt((death + floor) * (birth + floor)) - floor
-    blocked = np.zeros(n_nodes, dtype=bool)
-    kept, heights, lives, meds = [], [], [], []
+    blocked = np.zeros(2 * m - 1, dtype=bool)
+    kept, heights, lives, meds, nodes = [], [], [], [], []
     for c in sorted(np.flatnonzero(life >= min_separation), key=lambda c: (-life[c], birth[c], tops[c])):
-        top = tops[c]
+        top = int(tops[c])
         if blocked[top]:
             continue
         core = top if np.isinf(death[c]) else _core(Z, chain, c, top, middle[c], height, m)
@@ -200,6 +256,7 @@ def stable_rule(
         heights.append(height[core])
         lives.append(life[c])
         meds.append(med)
+        nodes.append(core)
         u = top
         while u >= 0:  # ancestors
             blocked[u] = True
@@ -210,7 +267,8 @@ def stable_rule(
             blocked[x] = True
             if x >= m:
                 below.extend((left[x - m], right[x - m]))
-    return _result(m, kept, heights, lives, meds, np.nan)
+    res = _result(m, kept, heights, lives, meds, np.nan, nodes)
+    return RuleResult(res.labels, res.heights, res.separation, res.median_cos_dist, res.cut_height, res.nodes, ch)
 
 
 def _core(Z: np.ndarray, chain: np.ndarray, c: int, top: int, middle: float, height: np.ndarray, m: int) -> int:
@@ -224,14 +282,15 @@ def _core(Z: np.ndarray, chain: np.ndarray, c: int, top: int, middle: float, hei
 
 def _empty(m: int) -> RuleResult:
     e = np.zeros(0)
-    return RuleResult(np.full(m, -1, dtype=np.int64), e, e, e, np.nan)
+    return RuleResult(np.full(m, -1, dtype=np.int64), e, e, e, np.nan, np.zeros(0, dtype=np.int64))
 
 
-def _result(m, kept, heights, seps, meds, cut) -> RuleResult:
+def _result(m, kept, heights, seps, meds, cut, nodes) -> RuleResult:
     """Label kept clusters 0..K−1 by their smallest member, so labels follow the data, not the rule."""
     order = np.argsort([rows.min() for rows in kept], kind="stable") if kept else []
     labels = np.full(m, -1, dtype=np.int64)
     for new, i in enumerate(order):
         labels[kept[i]] = new
     pick = lambda xs: np.asarray([xs[i] for i in order], dtype=float)  # noqa: E731
-    return RuleResult(labels, pick(heights), pick(seps), pick(meds), float(cut))
+    node_ids = np.asarray([nodes[i] for i in order], dtype=np.int64)
+    return RuleResult(labels, pick(heights), pick(seps), pick(meds), float(cut), node_ids)
