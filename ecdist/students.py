@@ -16,8 +16,11 @@ out however the N students are split into packs or machines.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +34,36 @@ log = logging.getLogger(__name__)
 ACTIVE, CONVERGED, STALLED = 0, 1, 2
 STATUS_NAMES = {ACTIVE: "active", CONVERGED: "converged", STALLED: "stalled"}
 ProgressFn = Callable[[str, int, int, np.ndarray], None]
+HEAP_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold: buffers below it are reused from the heap
+_heap_kept = False
+
+
+def keep_heap() -> bool:
+    """Let glibc reuse freed training buffers instead of returning them to the kernel.
+
+    A stacked step allocates activations of k·batch·width floats (13 MB for 200 students of
+    width 16 at batch 512). glibc hands such blocks out with mmap and unmaps them on free, so
+    every step page-faults its buffers in again: measured here, 336k minor faults in 5 epochs
+    and half of the step's time (benchmarks/scaling_students.py). Raising the mmap and trim
+    thresholds keeps them in the heap. Process-wide, so only set while ecdist trains, and not
+    when the user tuned glibc through MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_. Returns
+    whether the thresholds are (now) raised.
+    """
+    global _heap_kept
+    if _heap_kept:
+        return True
+    tuned = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    if not sys.platform.startswith("linux") or tuned:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, …): nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _heap_kept = bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 8 * HEAP_KEEP_BYTES)
+    )
+    return _heap_kept
 
 
 def n_params(widths: Sequence[int], skip: bool = False) -> int:
@@ -402,6 +435,7 @@ def fit_lm(
     each), then solves (JᵀJ + λ·D) δ = −Jᵀr by batched Cholesky — batched ``linalg.solve``
     hangs in MKL here (calibration.md) — and accepts δ per student when its loss drops.
     """
+    keep_heap()
     if pack.lm_run is None:
         pack.rel_loss = pack.mse(X, Y).cpu().numpy()
         window = [pack.rel_loss.copy()]  # losses of the last stall_window + 1 iterations
@@ -516,6 +550,7 @@ def fit_adam(
     ``patience`` epochs (then waits ``cooldown``); training stops at ``min_lr``, at the epoch
     cap, or when every student is below ``tol``.
     """
+    keep_heap()
     theta = pack.theta.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=opts.lr)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
