@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 ACTIVE, CONVERGED, STALLED = 0, 1, 2
 STATUS_NAMES = {ACTIVE: "active", CONVERGED: "converged", STALLED: "stalled"}
 ProgressFn = Callable[[str, int, int, np.ndarray], None]
-HEAP_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold: buffers below it are reused from the heap
+HEAP_KEEP_BYTES = 512 << 20  # buffers below this come from (and return to) the heap, not fresh mmaps
 _heap_kept = False
 
 
@@ -45,7 +45,9 @@ def keep_heap() -> bool:
     width 16 at batch 512). glibc hands such blocks out with mmap and unmaps them on free, so
     every step page-faults its buffers in again: measured here, 336k minor faults in 5 epochs
     and half of the step's time (benchmarks/scaling_students.py). Raising the mmap and trim
-    thresholds keeps them in the heap. Process-wide, so only set while ecdist trains, and not
+    thresholds keeps them in the heap (a 32 MB threshold is not enough: the loss over all
+    queries, a Jacobian chunk, are larger); the price is up to 1 GB of freed memory that the
+    process keeps for its next step. Process-wide, so only set while ecdist trains, and not
     when the user tuned glibc through MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_. Returns
     whether the thresholds are (now) raised.
     """
@@ -61,7 +63,7 @@ def keep_heap() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     _heap_kept = bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, 8 * HEAP_KEEP_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_KEEP_BYTES)
     )
     return _heap_kept
 
