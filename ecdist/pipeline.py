@@ -460,9 +460,9 @@ def _layers(
         for l in range(len(config.student_widths) - 1):
             neurons = pa.Table.from_batches([r.neurons for r in results])
             students = pa.Table.from_batches([r.students for r in results])
-            stage = run.load_stage(l + 1) if run is not None else None
+            stage = _stage(run, l + 1)
             if stage is not None:
-                clusters, col, _ = _from_stage(stage)
+                clusters, col, _ = stage
                 table = _labelled(neurons, clusters)
                 resumed.append(l + 1)
                 report("resume", {"layer": l + 1})
@@ -487,9 +487,9 @@ def _layers(
         L = len(config.student_widths) - 1
         neurons = pa.Table.from_batches([r.neurons for r in results])
         students = pa.Table.from_batches([r.students for r in results])
-        stage = run.load_stage(L + 1) if run is not None else None
+        stage = _stage(run, L + 1, last=True)
         if stage is not None:
-            clusters, col, fit = _from_stage(stage)
+            clusters, col, fit = stage
             best = _Attempt(clusters, col, float(fit["final"]), (fit["V"], fit["A"], fit["c"], fit.get("S")), fit["kept"])
             table = _labelled(neurons, clusters)
             resumed.append(L + 1)
@@ -518,7 +518,7 @@ def _labelled(neurons: pa.Table, clusters: Clusters) -> pa.Table:
 
 
 def _to_stage(clusters: Clusters, col: Collapsed, fit: _Attempt | None = None) -> dict[str, np.ndarray]:
-    """A finished layer as plain arrays for its run-folder checkpoint (``_from_stage`` reads it back)."""
+    """A finished layer as plain arrays for its run-folder checkpoint (``_stage`` reads it back)."""
     arrays = {f"clusters.{f.name}": np.asarray(getattr(clusters, f.name)) for f in dataclasses.fields(clusters)
               if getattr(clusters, f.name) is not None}
     arrays |= {f"collapsed.{f.name}": np.asarray(getattr(col, f.name)) for f in dataclasses.fields(col)}
@@ -528,12 +528,26 @@ def _to_stage(clusters: Clusters, col: Collapsed, fit: _Attempt | None = None) -
     return arrays
 
 
-def _from_stage(arrays: dict[str, np.ndarray]) -> tuple[Clusters, Collapsed, dict[str, np.ndarray]]:
-    """Clusters, Collapsed and the fit's arrays (empty below the last layer) of a stage checkpoint."""
+def _stage(
+    run: storage.RunFolder | None, layer: int, last: bool = False
+) -> tuple[Clusters, Collapsed, dict[str, Any]] | None:
+    """A finished layer's Clusters, Collapsed and fit arrays (empty below the last layer) from
+    ``run``; None when there is none or it does not hold them (then the layer is redone)."""
+    arrays = run.load_stage(layer) if run is not None else None
+    if arrays is None:
+        return None
+
     def part(prefix: str) -> dict[str, Any]:
         return {k[len(prefix):]: v.item() if v.ndim == 0 else v for k, v in arrays.items() if k.startswith(prefix)}
 
-    return Clusters(**part("clusters.")), Collapsed(**part("collapsed.")), part("fit.")
+    try:
+        fit = part("fit.")
+        if last and not {"V", "A", "c", "final", "kept"} <= fit.keys():
+            raise KeyError("fit")
+        return Clusters(**part("clusters.")), Collapsed(**part("collapsed.")), fit
+    except (KeyError, TypeError) as exc:
+        log.warning("checkpoint of layer %d in %s lacks %s; clustering it again", layer, run.path, exc)
+        return None
 
 
 def _hidden_layer(

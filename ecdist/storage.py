@@ -90,10 +90,14 @@ def safe_path(root: Path, rel: str) -> Path:
             "empty): the folder was edited or crafted; do not use it — start a new run in another folder"
         )
     path = root.joinpath(*parts)
-    if not path.resolve().is_relative_to(root.resolve()):
+    try:
+        target, inside = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of symbolic links
+        raise RunFolderError(f"{root}: the path {rel!r} cannot be resolved ({exc}); start a new run in another folder") from None
+    if not target.is_relative_to(inside):
         raise RunFolderError(
             f"{root} records the path {rel!r}, which leads outside the folder through a symbolic link "
-            f"(to {path.resolve()}); remove the link or start a new run in another folder"
+            f"(to {target}); remove the link or start a new run in another folder"
         )
     return path
 
@@ -370,20 +374,23 @@ def load_recovery(path: str | Path) -> "Recovery":
                 _read_parquet(files, f"layer_{i}_clusters.parquet"), rule,
             )
         )
-    comparison = Comparison.from_dict(report["comparison"]) if report.get("comparison") else None
-    return Recovery(
-        config=config,
-        layer_sizes=[int(w) for w in report["layer_sizes"]],
-        network=net,
-        layers=layers,
-        students=students,
-        history_steps=steps,
-        history=history,
-        plan=report["plan"],
-        timings=report["timings"],
-        final_rel_mse=float(report["final_rel_mse"]),
-        comparison=comparison,
-    )
+    try:
+        comparison = Comparison.from_dict(report["comparison"]) if report.get("comparison") else None
+        return Recovery(
+            config=config,
+            layer_sizes=[int(w) for w in report["layer_sizes"]],
+            network=net,
+            layers=layers,
+            students=students,
+            history_steps=steps,
+            history=history,
+            plan=report["plan"],
+            timings=report["timings"],
+            final_rel_mse=float(report["final_rel_mse"]),
+            comparison=comparison,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunFolderError(f"{path / 'report.json'} lacks or garbles a field ({type(exc).__name__}: {exc})") from None
 
 
 # ----- run folders -------------------------------------------------------------------------
