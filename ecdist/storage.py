@@ -362,19 +362,18 @@ def load_recovery(path: str | Path) -> "Recovery":
         ) from None
     students = _read_parquet(files, "students.parquet")
     hist = _read_parquet(files, "history.parquet")
-    n = students.num_rows
-    steps = np.asarray(hist.column("step"))[::n] if n else np.zeros(0, np.int64)
-    history = np.asarray(hist.column("rel_loss")).reshape(-1, n) if n else np.zeros((0, 0))
-    layers = []
-    rules = report.get("layer_rules", ["stable"] * len(report["layer_sizes"]))
-    for i, (width, rule) in enumerate(zip(report["layer_sizes"], rules), start=1):
-        layers.append(
+    try:
+        n = students.num_rows
+        steps = np.asarray(hist.column("step"))[::n] if n else np.zeros(0, np.int64)
+        history = np.asarray(hist.column("rel_loss")).reshape(-1, n) if n else np.zeros((0, 0))
+        rules = report.get("layer_rules", ["stable"] * len(report["layer_sizes"]))
+        layers = [
             LayerResult(
                 i, int(width), _read_parquet(files, f"layer_{i}_neurons.parquet"),
                 _read_parquet(files, f"layer_{i}_clusters.parquet"), rule,
             )
-        )
-    try:
+            for i, (width, rule) in enumerate(zip(report["layer_sizes"], rules), start=1)
+        ]
         comparison = Comparison.from_dict(report["comparison"]) if report.get("comparison") else None
         return Recovery(
             config=config,
@@ -390,7 +389,10 @@ def load_recovery(path: str | Path) -> "Recovery":
             comparison=comparison,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise RunFolderError(f"{path / 'report.json'} lacks or garbles a field ({type(exc).__name__}: {exc})") from None
+        raise RunFolderError(
+            f"{path / 'report.json'} lacks or garbles a field, or history.parquet does not fit students.parquet "
+            f"({type(exc).__name__}: {exc}); re-run the recovery, or resume it from its checkpoints"
+        ) from None
 
 
 # ----- run folders -------------------------------------------------------------------------

@@ -278,6 +278,24 @@ def test_a_damaged_layer_checkpoint_is_clustered_again(clean, tmp_path, caplog):
     assert_same(result, clean["one"][1])
 
 
+def test_listed_files_that_lack_their_contents_are_not_trusted(clean, tmp_path, caplog):
+    """Checksums pass (the manifest was updated), but a layer checkpoint lacks its fit and a report a field."""
+    folder = unfinished(clean, tmp_path)
+    stage = checkpoint(folder, "checkpoints/layer_1.npz")
+    ecdist.storage.RunFolder(folder).save_stage(1, {k: v for k, v in stage.items() if not k.startswith("fit.")})
+    events = []
+    with caplog.at_level(logging.WARNING, logger="ecdist.pipeline"):
+        result = ecdist.recover(None, None, None, out=folder, resume=True, progress=record(events))
+    assert any("layer 1" in r.getMessage() and "lacks" in r.getMessage() for r in caplog.records)
+    assert any(e == "cluster" for e, _ in events) and result.plan["layers_resumed"] == []
+    assert_same(result, clean["one"][1])
+    report = json.loads((folder / "report.json").read_text())
+    del report["layer_sizes"]
+    Files(folder).write("report.json", json.dumps(report).encode())
+    with pytest.raises(RunFolderError, match="report.json lacks or garbles a field"):
+        ecdist.load(folder)
+
+
 def test_a_damaged_final_result_is_refused_and_can_be_rebuilt(clean, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(clean["one"][0], folder)
