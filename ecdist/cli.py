@@ -56,12 +56,32 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=helptext)
 
 
-def _config(args: argparse.Namespace, **fixed: Any) -> Config:
+def _config(args: argparse.Namespace, base: Config | None = None, **fixed: Any) -> Config:
+    """The flags given, over ``base`` (a resumed run's config) or over Config's defaults."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name not in _NOT_FLAGS}
     values = {k: v for k, v in values.items() if v is not None}
     if getattr(args, "student_widths", None):
         values["student_widths"] = args.student_widths
-    return Config(**(values | fixed))
+    return base.replace(**(values | fixed)) if base is not None else Config(**(values | fixed))
+
+
+def _run_folder(args: argparse.Namespace) -> tuple[Path, Config | None]:
+    """The run folder of `recover` (--out, or --resume RUN_DIR) and, when resuming a run there, its config."""
+    from .storage import RunFolder
+
+    resume_dir = args.resume if isinstance(args.resume, Path) else None
+    if resume_dir is not None and args.out is not None and resume_dir.resolve() != args.out.resolve():
+        raise ConfigError(f"--resume {resume_dir} and --out {args.out} name different folders; give one of them")
+    out = resume_dir or args.out
+    if out is None:
+        raise ConfigError("out: give --out DIR (the run folder), or --resume RUN_DIR to continue a run")
+    run = RunFolder.existing(out) if args.resume else None
+    if run is None and resume_dir is not None and not (args.teacher and (args.queries or args.gaussian or args.uniform)):
+        raise ConfigError(
+            f"--resume {resume_dir}: there is no run in that folder to resume; give the folder of a run, or start "
+            "one with --teacher, --activation, --student-widths and queries"
+        )
+    return out, run.config() if run is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,19 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="recover a teacher given as a saved state dict or a module:function black box",
         description="Query a teacher, train students, cluster their neurons and write the recovered "
         "network to --out. Example: ecdist recover --teacher teacher.pt --arch 20-8-1 --activation tanh "
-        "--student-widths 32 --gaussian 4000 --out run1",
+        "--student-widths 32 --gaussian 4000 --out run1. Continue a killed run with "
+        "`ecdist recover --resume run1`: its config, queries and teacher answers come from the folder.",
     )
-    rec.add_argument("--teacher", required=True, help="a .pt/.pth/.safetensors state dict (with --arch) or 'module:function'")
+    rec.add_argument("--teacher", help="a .pt/.pth/.safetensors state dict (with --arch) or 'module:function' "
+                     "(required unless resuming)")
     rec.add_argument("--arch", help="architecture of a state-dict teacher, e.g. 20-8-1")
-    rec.add_argument("--activation", required=True, help="hidden activation: g, tanh, identity, sigmoid, softplus, gelu, silu, relu, leaky_relu")
-    q = rec.add_mutually_exclusive_group(required=True)
+    rec.add_argument("--activation", help="hidden activation: g, tanh, identity, sigmoid, softplus, gelu, silu, relu, "
+                     "leaky_relu (required unless resuming)")
+    q = rec.add_mutually_exclusive_group()
     q.add_argument("--queries", type=Path, help="queries as .npy or .parquet (n rows, d_in columns)")
     q.add_argument("--gaussian", type=int, metavar="N", help="draw N standard Gaussian queries")
     q.add_argument("--uniform", type=int, metavar="N", help="draw N queries uniform in [-1, 1]^d_in")
     rec.add_argument("--d-in", type=int, help="input dimension for generated queries (default: from --arch)")
     rec.add_argument("--query-seed", type=int, default=1, help="seed of generated queries")
-    rec.add_argument("--out", type=Path, required=True, help="run folder: checkpoints and results")
-    rec.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    rec.add_argument("--out", type=Path, help="run folder: queries, checkpoints and results")
+    rec.add_argument(
+        "--resume", nargs="?", const=True, type=Path, metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (or in --out), skipping what it finished; teacher, queries and settings "
+        "come from the folder unless given again (then they must be the run's)",
+    )
     rec.add_argument(
         "--address",
         help="Ray cluster to train on: 'auto' (the one `ray start` runs on this machine) or host:port "
@@ -163,25 +190,35 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from .plots import plot_recovery
     from .teachers import parse_arch
 
-    if not args.student_widths:
-        raise ConfigError("student_widths: give --student-widths (about 4 × the width you expect)")
-    teacher = _teacher(args.teacher, args.arch, args.activation)
+    out, stored = _run_folder(args)
+    if stored is None:  # a new run: everything must be given
+        if not args.teacher:
+            raise ConfigError("teacher: give --teacher (a state dict with --arch, or module:function)")
+        if not args.activation:
+            raise ConfigError("activation: give --activation (e.g. tanh)")
+        if not args.student_widths:
+            raise ConfigError("student_widths: give --student-widths (about 4 × the width you expect)")
+        if not (args.queries or args.gaussian or args.uniform):
+            raise ConfigError("queries: give --queries FILE, --gaussian N or --uniform N")
+    activation = args.activation or stored.activation
+    teacher = _teacher(args.teacher, args.arch, activation) if args.teacher else None
+    X = None
     if args.queries:
         X = ecdist.queries.load(args.queries)
-    else:
+    elif args.gaussian or args.uniform:
         d_in = args.d_in or (parse_arch(args.arch)[0] if args.arch else None)
         if d_in is None:
             raise ConfigError("d_in: give --d-in (or --arch) so that queries can be generated")
         gen = ecdist.queries.gaussian if args.gaussian else ecdist.queries.uniform
         X = gen(args.gaussian or args.uniform, d_in, seed=args.query_seed)
-    config = _config(args, activation=args.activation)
-    result = ecdist.recover(teacher, X, config, out=args.out, resume=args.resume, progress=True, address=args.address)
+    config = _config(args, activation=activation, base=stored)
+    result = ecdist.recover(teacher, X, config, out=out, resume=bool(args.resume), progress=True, address=args.address)
     if isinstance(teacher, ecdist.teachers.MLP):
-        result.comparison = ecdist.compare(result.network, teacher, args.activation)
-        result.save(args.out)
-    plot_recovery(result, args.out / "recovery.png")
+        result.comparison = ecdist.compare(result.network, teacher, activation)
+        result.save(out)
+    plot_recovery(result, out / "recovery.png")
     _print_result(result)
-    print(f"results: {args.out}/")
+    print(f"results: {out}/")
     return 0
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import activations, storage
+from . import activations, storage, teachers
 from .cluster import Clusters, cluster_layer
 from .config import Config
-from .errors import ConfigError, QueryError, RecoveryError, TeacherError
+from .errors import ConfigError, QueryError, RecoveryError, RunFolderError, TeacherError
 from .network import MLP
 from .packs import PackResult, PackTrainer
 from .queries import Standardizer, validate
@@ -97,9 +97,9 @@ class Recovery:
 
 
 def recover(
-    teacher: Teacher,
-    X: np.ndarray,
-    config: Config,
+    teacher: Teacher | None,
+    X: np.ndarray | None,
+    config: Config | None,
     *,
     out: str | Path | None = None,
     resume: bool = False,
@@ -109,10 +109,12 @@ def recover(
     """Recover the hidden layer sizes and weights of ``teacher`` from its outputs on ``X``.
 
     teacher: a torch module or a callable numpy (n, d_in) → (n,) or (n, d_out); X: (n, d_in)
-    queries; out: a run folder that keeps checkpoints and results; resume: continue the run
-    already in ``out`` (same config and queries), reusing its finished students; address: a
-    Ray cluster to run the student packs on (default: the running Ray, ``RAY_ADDRESS``, or a
-    local Ray started for this run — see ``Config.backend``).
+    queries; out: a run folder that keeps the queries and answers, checkpoints and results;
+    resume: continue the run already in ``out``, reusing everything it finished (packs, layers'
+    clustering, fine-tuned students; a finished run returns its stored result) — teacher, X and
+    config may then be None (taken from the folder), and any given must be the run's
+    (RunFolderError otherwise); address: a Ray cluster to run the student packs on (default:
+    the running Ray, ``RAY_ADDRESS``, or a local Ray started for this run — see ``Config.backend``).
 
     Example:
         >>> import ecdist
@@ -123,16 +125,16 @@ def recover(
         >>> ecdist.recover(t, X, cfg).layer_sizes
         [2]
     """
-    if not isinstance(config, Config):
+    if config is not None and not isinstance(config, Config):
         raise ConfigError(f"config: expected an ecdist.Config, got {type(config).__name__}")
     with _progress(progress) as report:
         return _recover(teacher, X, config, out, resume, report, address)
 
 
 def _recover(
-    teacher: Teacher,
-    X: np.ndarray,
-    config: Config,
+    teacher: Teacher | None,
+    X: np.ndarray | None,
+    config: Config | None,
     out: str | Path | None,
     resume: bool,
     report: Progress,
@@ -140,14 +142,27 @@ def _recover(
 ) -> Recovery:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    X = validate(X)
-    Y = query(teacher, X)
-    if np.all(Y.std(axis=0) == 0):
-        raise TeacherError("the teacher's output is constant on these queries: there is nothing to recover")
+    run = storage.RunFolder.existing(out) if out is not None and resume else None
+    if run is not None:
+        config, X, Y = _resumed(run, teacher, X, config)
+        if run.finished():
+            result = run.result()
+            report("resume", {"finished": True})
+            report("done", {"layer_sizes": result.layer_sizes})
+            return result
+    else:
+        _require(teacher, X, config, out, resume)
+        X = validate(X)
+        if out is not None:
+            storage.RunFolder.check_new(out)  # before the teacher is queried, which may take long
+        Y = query(teacher, X)
+        if np.all(Y.std(axis=0) == 0):
+            raise TeacherError("the teacher's output is constant on these queries: there is nothing to recover")
     timings["query"] = time.perf_counter() - t0
     report("query", {"n": len(X), "d_in": X.shape[1], "d_out": Y.shape[1]})
     fingerprint = _fingerprint(X, Y)
-    run = storage.RunFolder.open(out, config, fingerprint, resume) if out is not None else None
+    if out is not None and run is None:
+        run = storage.RunFolder.create(out, config, X, Y, fingerprint, teachers.fingerprint(teacher))
 
     xs, ys = Standardizer.fit(X), Standardizer.fit(Y)
     Xs, Ys = xs(X), ys(Y)
@@ -166,7 +181,7 @@ def _recover(
                 with distributed.PackGroup(config, plan, Xs, Ys, run_path, report) as group:
                     results = list(group.train())
                     timings["train"] = time.perf_counter() - t1
-                    built = _layers(config, results, group.advance, Xs, Ys, xs, ys, timings, report)
+                    built = _layers(config, results, group.advance, Xs, Ys, xs, ys, timings, report, run)
             else:
                 results = list(distributed.train_packs(config, plan, Xs, Ys, run_path, report))
     else:
@@ -177,12 +192,12 @@ def _recover(
         if deep:
             timings["train"] = time.perf_counter() - t1
             advance = _LocalAdvance(config, plan, trainers, Ys, report)
-            built = _layers(config, results, advance, Xs, Ys, xs, ys, timings, report)
+            built = _layers(config, results, advance, Xs, Ys, xs, ys, timings, report, run)
     if not deep:
         timings["train"] = time.perf_counter() - t1
-        built = _layers(config, results, None, Xs, Ys, xs, ys, timings, report)
+        built = _layers(config, results, None, Xs, Ys, xs, ys, timings, report, run)
     results.sort(key=lambda r: r.index)  # arrival order varies; the tables do not
-    layer_results, network, final = built
+    layer_results, network, final, layers_resumed = built
     students = pa.Table.from_batches([r.students for r in results])
     steps, hist = _history(results)
     result = Recovery(
@@ -197,6 +212,7 @@ def _recover(
         | {
             "pack_sizes": [len(p) for p in plan["packs"]],
             "packs_resumed_from": [r.resumed_from for r in results],
+            "layers_resumed": layers_resumed,  # layers whose clustering (and fit) came from the run folder
             "pack_nodes": [r.node for r in results],
             "data_fingerprint": fingerprint,
             # the clustering backend each layer used (auto resolves by size)
@@ -210,6 +226,90 @@ def _recover(
         run.finish(result)
     report("done", {"layer_sizes": result.layer_sizes})
     return result
+
+
+def _require(teacher: Teacher | None, X: np.ndarray | None, config: Config | None, out: Any, resume: bool) -> None:
+    """A new run needs a teacher, queries and a config (a resumed one takes them from its folder)."""
+    why = f" (there is no run in {out} to resume, so a new one starts)" if resume else ""
+    if config is None:
+        raise ConfigError(f"config: give an ecdist.Config{why}")
+    if X is None:
+        raise QueryError(f"queries: give the queries X{why}")
+    if teacher is None:
+        raise TeacherError(f"no teacher was given{why}; give a torch module or a callable numpy -> numpy")
+
+
+SPOT_CHECK = 64  # stored queries on which a teacher given again must answer as the stored answers say
+
+
+def _resumed(
+    run: storage.RunFolder, teacher: Teacher | None, X: np.ndarray | None, config: Config | None
+) -> tuple[Config, np.ndarray, np.ndarray]:
+    """The run's config, queries and answers from its folder; any given again must be the run's.
+
+    The config may differ in where the run executes (``EXECUTION_FIELDS``: backend, threads, …);
+    the given one is then used. Stored data that fails its checksum is queried again when the
+    teacher and queries are given, else RunFolderError.
+    """
+    path = run.path
+    stored = run.config()
+    if config is None:
+        config = stored
+    elif config.fingerprint() != stored.fingerprint():
+        raise RunFolderError(
+            f"{path} holds a different run (its config differ from this one); resume it with the same config "
+            "(or none: the folder keeps its own), or choose another folder"
+        )
+    ident = run.identity()
+    try:
+        Xr, Yr = run.data()
+    except RunFolderError as exc:
+        if teacher is None or X is None:
+            raise RunFolderError(f"{exc}; give the teacher and the queries again to re-query them") from None
+        log.warning("%s; querying the teacher again", exc)
+        Xr = validate(X)
+        Yr = query(teacher, Xr)
+        if _fingerprint(Xr, Yr) != ident["data"]:
+            raise RunFolderError(
+                f"{exc}; the teacher and queries given again do not give the run's data (its fingerprint in "
+                "run.json), so the run cannot be resumed: start a new run in another folder"
+            ) from None
+        run.save_data(Xr, Yr)
+    else:
+        if _fingerprint(Xr, Yr) != ident["data"]:
+            raise RunFolderError(
+                f"{path}: queries.npy and answers.npy do not match the run's fingerprint in run.json (the folder was "
+                "edited); start a new run in another folder"
+            )
+    if X is not None:
+        X = validate(X)
+        if X.shape != Xr.shape or not np.array_equal(X, Xr):
+            raise RunFolderError(
+                f"{path} holds a different run (its queries differ from these); resume it with the same queries "
+                "(or none: the folder keeps its own), or choose another folder"
+            )
+    if teacher is not None:
+        _check_teacher(teacher, ident.get("teacher") or {}, Xr, Yr, path)
+    return config, Xr, Yr
+
+
+def _check_teacher(teacher: Teacher, recorded: dict[str, str], X: np.ndarray, Y: np.ndarray, path: Path) -> None:
+    """RunFolderError unless ``teacher`` is the run's: same weights, or the stored answers on a few queries."""
+    now = teachers.fingerprint(teacher)
+    if "weights_sha256" in now and "weights_sha256" in recorded:
+        same, what = now["weights_sha256"] == recorded["weights_sha256"], "weights"
+    else:
+        rows = min(len(X), SPOT_CHECK)
+        y = query(teacher, X[:rows])
+        scale = float(np.abs(Y).max())
+        same = y.shape == Y[:rows].shape and bool(np.allclose(y, Y[:rows], rtol=1e-7, atol=1e-7 * scale))
+        what = f"answers on the first {rows} stored queries"
+    if not same:
+        raise RunFolderError(
+            f"{path} holds a run of another teacher (this teacher's {what} differ from the run's, "
+            f"{recorded.get('name', 'unnamed')}); resume with the run's teacher, or with none: the run folder "
+            "keeps the teacher's answers"
+        )
 
 
 def _use_ray(config: Config, address: str | None) -> bool:
@@ -338,8 +438,10 @@ def _layers(
     ys: Standardizer,
     timings: dict[str, float],
     report: Progress,
-) -> tuple[list[LayerResult], MLP, float]:
-    """Recover every hidden layer from the trained packs; the network in the teacher's units.
+    run: storage.RunFolder | None = None,
+) -> tuple[list[LayerResult], MLP, float, list[int]]:
+    """Recover every hidden layer from the trained packs; the network in the teacher's units,
+    and the layers whose clustering came from ``run`` (saved there as each finishes).
 
     Layers 1…L−1 (deep runs, §3.10 of the method): cluster the packs' first-layer neurons,
     collapse, ``advance`` (insert the recovered layer into every pack and fine-tune the students
@@ -350,6 +452,7 @@ def _layers(
     act = activations.get(config.activation)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     results = sorted(results, key=lambda r: r.index)
+    resumed: list[int] = []
     with _threads(config.threads):
         Xt, Yt = torch.as_tensor(Xs, dtype=dtype), torch.as_tensor(Ys, dtype=dtype)
         H = Xt.double()
@@ -357,7 +460,16 @@ def _layers(
         for l in range(len(config.student_widths) - 1):
             neurons = pa.Table.from_batches([r.neurons for r in results])
             students = pa.Table.from_batches([r.students for r in results])
-            table, clusters, col = _hidden_layer(config, neurons, students, l, timings, report)
+            stage = _stage(run, l + 1)
+            if stage is not None:
+                clusters, col, _ = stage
+                table = _labelled(neurons, clusters)
+                resumed.append(l + 1)
+                report("resume", {"layer": l + 1})
+            else:
+                table, clusters, col = _hidden_layer(config, neurons, students, l, timings, report)
+                if run is not None:
+                    run.save_stage(l + 1, _to_stage(clusters, col))
             lower.append((table, clusters, col))
             assign = np.full(neurons.num_rows, -1, dtype=np.int64)
             rows = np.flatnonzero(clusters.labels >= 0)
@@ -375,7 +487,17 @@ def _layers(
         L = len(config.student_widths) - 1
         neurons = pa.Table.from_batches([r.neurons for r in results])
         students = pa.Table.from_batches([r.students for r in results])
-        table, best = _reconstruct(config, neurons, students, H.to(dtype), Yt, timings, report, L)
+        stage = _stage(run, L + 1, last=True)
+        if stage is not None:
+            clusters, col, fit = stage
+            best = _Attempt(clusters, col, float(fit["final"]), (fit["V"], fit["A"], fit["c"], fit.get("S")), fit["kept"])
+            table = _labelled(neurons, clusters)
+            resumed.append(L + 1)
+            report("resume", {"layer": L + 1})
+        else:
+            table, best = _reconstruct(config, neurons, students, H.to(dtype), Yt, timings, report, L)
+            if run is not None:
+                run.save_stage(L + 1, _to_stage(best.clusters, best.collapsed, best))
         V, A, c, S = best.weights
         blocks, final = [col.vectors for _, _, col in lower] + [V], best.final
         if lower and len(V):
@@ -387,7 +509,45 @@ def _layers(
     out.append(_layer_result(L, table, best.clusters, best.collapsed, network, best.kept))
     report("reconstruct", {"widths": network.hidden_widths, "rel_mse": final,
                            "pruned": len(best.collapsed.vectors) - len(V)})
-    return out, network, final
+    return out, network, final, resumed
+
+
+def _labelled(neurons: pa.Table, clusters: Clusters) -> pa.Table:
+    """A layer's neuron table with each row's cluster (−1: none) and whether it was dropped as negligible."""
+    return neurons.append_column("cluster", pa.array(clusters.labels)).append_column("dropped", pa.array(clusters.dropped))
+
+
+def _to_stage(clusters: Clusters, col: Collapsed, fit: _Attempt | None = None) -> dict[str, np.ndarray]:
+    """A finished layer as plain arrays for its run-folder checkpoint (``_stage`` reads it back)."""
+    arrays = {f"clusters.{f.name}": np.asarray(getattr(clusters, f.name)) for f in dataclasses.fields(clusters)
+              if getattr(clusters, f.name) is not None}
+    arrays |= {f"collapsed.{f.name}": np.asarray(getattr(col, f.name)) for f in dataclasses.fields(col)}
+    if fit is not None:
+        arrays |= {f"fit.{k}": np.asarray(v) for k, v in zip("VAcS", fit.weights) if v is not None}
+        arrays |= {"fit.final": np.asarray(fit.final), "fit.kept": np.asarray(fit.kept)}
+    return arrays
+
+
+def _stage(
+    run: storage.RunFolder | None, layer: int, last: bool = False
+) -> tuple[Clusters, Collapsed, dict[str, Any]] | None:
+    """A finished layer's Clusters, Collapsed and fit arrays (empty below the last layer) from
+    ``run``; None when there is none or it does not hold them (then the layer is redone)."""
+    arrays = run.load_stage(layer) if run is not None else None
+    if arrays is None:
+        return None
+
+    def part(prefix: str) -> dict[str, Any]:
+        return {k[len(prefix):]: v.item() if v.ndim == 0 else v for k, v in arrays.items() if k.startswith(prefix)}
+
+    try:
+        fit = part("fit.")
+        if last and not {"V", "A", "c", "final", "kept"} <= fit.keys():
+            raise KeyError("fit")
+        return Clusters(**part("clusters.")), Collapsed(**part("collapsed.")), fit
+    except (KeyError, TypeError) as exc:
+        log.warning("checkpoint of layer %d in %s lacks %s; clustering it again", layer, run.path, exc)
+        return None
 
 
 def _hidden_layer(
@@ -412,10 +572,7 @@ def _hidden_layer(
             "recovered; the students may not have converged (see the students table) — try more students, "
             "wider students or more queries"
         )
-    table = neurons.append_column("cluster", pa.array(clusters.labels)).append_column(
-        "dropped", pa.array(clusters.dropped)
-    )
-    return table, clusters, col
+    return _labelled(neurons, clusters), clusters, col
 
 
 def _reconstruct(
@@ -475,10 +632,7 @@ def _reconstruct(
             "(see the students table) — try more students, wider students or more queries",
             layer + 1, best.clusters.min_students,
         )
-    table = neurons.append_column("cluster", pa.array(best.clusters.labels)).append_column(
-        "dropped", pa.array(best.clusters.dropped)
-    )
-    return table, best
+    return _labelled(neurons, best.clusters), best
 
 
 def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float] | None = None) -> dict[str, Any]:

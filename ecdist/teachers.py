@@ -7,6 +7,7 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors: loading ne
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
 import logging
@@ -56,6 +57,24 @@ def random_mlp(widths: Sequence[int], activation: str = "tanh", seed: int = 0) -
         weights.append(rng.standard_normal((o, i)) * scale)
         biases.append(rng.standard_normal(o))
     return from_layers(weights, biases, activation)
+
+
+def fingerprint(teacher: Teacher) -> dict[str, str]:
+    """What a run folder records of its teacher: its name and, for a torch module, a hash of its weights.
+
+    Resuming with the teacher given again checks it is the run's: by the weights hash when both
+    have one (no query needed), else by its answers on a few stored queries.
+    """
+    name = getattr(teacher, "__qualname__", None) or type(teacher).__qualname__
+    module = getattr(teacher, "__module__", None) or type(teacher).__module__
+    info = {"name": f"{module}.{name}"}
+    if isinstance(teacher, nn.Module):
+        h = hashlib.sha256()
+        for key, value in sorted(teacher.state_dict().items()):
+            h.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+            h.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        info["weights_sha256"] = h.hexdigest()
+    return info
 
 
 def parse_arch(arch: str | Sequence[int]) -> list[int]:

@@ -86,7 +86,8 @@ def test_save_and_load_round_trip(run, tmp_path):
     with_cmp.comparison = ecdist.compare(with_cmp.network, teacher(), "tanh", X=X_test)
     out = with_cmp.save(tmp_path / "res")
     assert Path(out) == tmp_path / "res"
-    assert sorted(p.name for p in out.iterdir()) == sorted(RESULT_FILES)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*RESULT_FILES, "manifest.json"])
+    assert sorted(json.loads((out / "manifest.json").read_text())["files"]) == sorted(RESULT_FILES)
 
     back = ecdist.load(tmp_path / "res")
     assert isinstance(back, ecdist.Recovery)
@@ -264,14 +265,34 @@ def test_out_that_is_a_file_is_refused(tmp_path):
         ecdist.recover(teacher(), queries(), config(), out=tmp_path / "afile")
 
 
-def test_resume_reuses_the_finished_checkpoint(run, tmp_path):
+def unfinish(folder: Path) -> None:
+    """Make a finished run folder one killed after its last checkpoint, before its result was written."""
+    (folder / "report.json").unlink()
+
+
+def test_resuming_a_finished_run_returns_its_stored_result(run, tmp_path):
     folder = copy_run(run, tmp_path)
+    manifest = (folder / "manifest.json").read_bytes()
+    events = []
+    again = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
+    assert [e for e, _ in events] == ["resume", "done"]  # no training, clustering or fit
+    assert (folder / "manifest.json").read_bytes() == manifest  # and nothing rewritten
+    original = run[1]
+    assert again.layer_sizes == original.layer_sizes
+    assert_same_network(again.network, original.network)
+    assert again.plan == original.plan and again.students.equals(original.students)
+
+
+def test_resume_reuses_the_finished_checkpoints(run, tmp_path):
+    folder = copy_run(run, tmp_path)
+    unfinish(folder)
     ck = checkpoint(folder)
     mtime, data = ck.stat().st_mtime_ns, ck.read_bytes()
     events = []
     again = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
     train = [i for e, i in events if e == "train"]
     assert train == [{"pack": 0, "resumed": True, "done": True}]  # no training step at all
+    assert not [e for e, _ in events if e == "cluster"] and again.plan["layers_resumed"] == [1]  # nor clustering
     assert ck.stat().st_mtime_ns == mtime and ck.read_bytes() == data
     original = run[1]
     assert again.layer_sizes == original.layer_sizes
@@ -283,12 +304,13 @@ def test_resume_reuses_the_finished_checkpoint(run, tmp_path):
 
 def test_a_truncated_checkpoint_is_retrained(run, tmp_path, caplog):
     folder = copy_run(run, tmp_path)
+    unfinish(folder)
     ck = checkpoint(folder)
     _truncate(ck)
     events = []
     with caplog.at_level(logging.WARNING, logger="ecdist.storage"):
         again = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True, progress=record(events))
-    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert any("pack_0000.npz fails its checksum" in r.getMessage() for r in caplog.records)
     steps = [i["step"] for e, i in events if e == "train" and "step" in i]
     original = run[1]
     assert steps == list(range(1, original.students.column("steps")[0].as_py() + 1))  # trained from scratch
