@@ -11,7 +11,7 @@ and a check of the search: the neighbours of ``CHECK_ROWS`` sampled rows against
 on the CPU — the largest distance error next to the bound δ that the backend's certificates
 assume, and whether every neighbour list is a true one up to ties within δ.
 
-Run:   PYTHONPATH=. python benchmarks/scaling_cluster_gpu.py              (M = 10⁴ … 10⁶; ~3 min on an H200)
+Run:   PYTHONPATH=. python benchmarks/scaling_cluster_gpu.py              (M = 10⁴ … 10⁶; 1 min on an H200)
        PYTHONPATH=. python benchmarks/scaling_cluster_gpu.py --quick      (M = 10⁴ and 5·10⁴)
        ... --max-rows 200000 --out DIR/scaling_cluster_gpu.json
 Needs: CUDA, torch, numpy, scipy, pyarrow, matplotlib; neither FAISS nor Ray.
