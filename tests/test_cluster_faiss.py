@@ -10,20 +10,26 @@ are compared as sets of sets of rows. Three claims are tested:
 * every cluster FAISS certifies (``Clusters.exact``) is one the exact backend keeps, also where
   the two backends disagree elsewhere (low dimension, no weights, no exact budget);
 * the FAISS dendrogram is the exact one inside each certified cluster (same cophenetic distances).
+
+The torch search (``knn="torch"``, the GPU path where FAISS has no GPU) runs one test body per
+device: on the CPU here, on CUDA where there is one. It must find FAISS's neighbours and give
+FAISS's labels, and it needs no FAISS.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 from scipy.cluster.hierarchy import cophenet, is_monotonic, is_valid_linkage
 
 import ecdist
 from ecdist.activations import REGISTRY
-from ecdist.cluster import NeuronIndex, cluster_layer, faiss_backend, rules, scipy_backend
+from ecdist.cluster import NeuronIndex, cluster_layer, cluster_neurons, faiss_backend, rules, scipy_backend, torch_knn
 
 TANH = REGISTRY["tanh"]
 
@@ -251,7 +257,7 @@ def test_missing_faiss_names_the_install(monkeypatch):
 
 
 def test_cuda_without_a_gpu_is_a_config_error():
-    if faiss_backend.gpu_count() > 0:
+    if torch.cuda.is_available() or faiss_backend._faiss_gpus() > 0:
         pytest.skip("a GPU is present")
     with pytest.raises(ecdist.ConfigError, match="device"):
         NeuronIndex(5, device="cuda")
@@ -262,3 +268,149 @@ def test_config_accepts_the_faiss_backend():
     assert cfg.cluster_backend == "faiss"
     with pytest.raises(ecdist.ConfigError, match="cluster_backend"):
         ecdist.Config(activation="tanh", student_widths=[8], cluster_backend="hnsw")
+
+
+# ----- the torch search: one body per device ---------------------------------------------------------------
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 7 queries × 40 rows: the query blocks and the merge across tiles are exercised."""
+    monkeypatch.setattr(torch_knn, "QUERY_TILE", 7)
+    monkeypatch.setattr(torch_knn, "TILE_BYTES_CPU", 4 * 7 * 40)
+    monkeypatch.setattr(torch_knn, "TILE_BYTES_GPU", 4 * 7 * 40)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_search_finds_the_exact_neighbours(device, small_tiles):
+    """Against float64 brute force: the same neighbour sets up to near ties, and distances within
+    the float32 bound ``faiss_backend`` assumes; against ``IndexFlatL2`` (where FAISS is installed):
+    the same sets, distances to float32 rounding. Rows are added in two packs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 33))
+    x[1::50] = x[::50] + 1e-9  # near copies, as students' neurons are
+    x32 = x.astype(np.float32)
+    k = 10
+    index = torch_knn.TorchFlatIndex(33, device)
+    index.add(x32[:250])
+    index.add(x32[250:])
+    assert index.ntotal == 600
+    D, I = index.search(x32, k)
+    assert D.dtype == np.float32 and I.dtype == np.int64 and I.shape == (600, k)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    exact = np.sort(d, axis=1)
+    delta = faiss_backend.F32_ERR * math.sqrt(33 + 8) * np.linalg.norm(x, axis=1).max()
+    assert np.abs(np.sqrt(D) - np.sqrt(exact[:, :k])).max() <= delta
+    clear = exact[:, k] - exact[:, k - 1] > 1e-3  # no near tie at the k-th neighbour
+    assert clear.mean() > 0.9
+    for r in np.flatnonzero(clear):
+        assert set(I[r]) == set(np.argsort(d[r])[:k])
+    if HAS_FAISS:
+        import faiss
+
+        flat = faiss.IndexFlatL2(33)
+        flat.add(x32)
+        Df, If = flat.search(x32, k)
+        np.testing.assert_allclose(D, Df, rtol=1e-5, atol=1e-4)
+        assert all(set(I[r]) == set(If[r]) for r in np.flatnonzero(clear))
+    D, I = torch_knn.knn(x32[:3], x32[:5], 8, device)  # fewer rows than k: −1 and inf, as FAISS pads
+    assert (I[:, 5:] == -1).all() and np.isinf(D[:, 5:]).all() and (np.sort(I[:, :5], axis=1) == np.arange(5)).all()
+
+
+UNWEIGHTED = [c for c in CASES if not c[2]][::2]  # the kNN path runs (weights drop the debris: one exact linkage)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d_in,std,weighted,rule", UNWEIGHTED)
+def test_torch_search_gives_the_faiss_labels(device, d_in, std, weighted, rule):
+    """The torch search through the whole backend: FAISS's labels and certificates, scipy's partition."""
+    V, sid, _, _ = layer(d_in, r=40, n=20, width=150, debris_std=std, seed=d_in, noise=1e-9)
+    index = NeuronIndex(V.shape[1], device=device, knn="torch").add(V, sid)
+    fast = index.cluster(0.5, math.pi / 6, rule=rule)
+    assert index.info_["index"] == {"kind": "flat", "lib": "torch", "gpu": device == "cuda", "nlist": 0, "nprobe": 0}
+    exact = cluster_layer(V, sid, 0.5, math.pi / 6, rule=rule, backend="scipy")
+    assert partition(fast.labels) == partition(exact.labels)
+    if HAS_FAISS:
+        ref = cluster_layer(V, sid, 0.5, math.pi / 6, rule=rule, backend="faiss", device="cpu", knn="faiss")
+        np.testing.assert_array_equal(fast.labels, ref.labels)
+        np.testing.assert_array_equal(fast.exact, ref.exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_search_streams_packs_and_needs_no_faiss(device, monkeypatch, no_budget):
+    """Without FAISS: packs streamed into a torch index, many leaves (no exact budget) and exact
+    copies (a centroid search) give FAISS's labels and certificates; ``cluster_neurons`` takes knn."""
+    V, sid, _, _ = layer(5, r=6, n=15, width=30, debris_std=0.3, seed=5, noise=1e-6)
+    V = np.vstack([V, np.repeat(V[:1], 30, axis=0)])  # 30 exact copies of one row: more ties than k
+    sid = np.concatenate([sid, np.arange(30) % 15])
+    ref = cluster_layer(V, sid, 0.5, math.pi / 6, backend="faiss", device="cpu", knn="faiss") if HAS_FAISS else None
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss → ImportError
+    index = NeuronIndex(V.shape[1], device=device, knn="torch", expected_rows=len(V))
+    for s in range(0, len(V), 30):
+        index.add(V[s : s + 30], sid[s : s + 30])
+        assert index._index.ntotal == min(s + 30, len(V))
+    fast = index.cluster(0.5, math.pi / 6)
+    assert index.info_["leaves"] > 1 and index.info_["index"]["lib"] == "torch"
+    exact = cluster_layer(V, sid, 0.5, math.pi / 6, backend="scipy")
+    assert certified(fast) <= partition(exact.labels) and len(certified(fast)) == 5  # not the copies' own
+    if ref is not None:
+        np.testing.assert_array_equal(fast.labels, ref.labels)
+        np.testing.assert_array_equal(fast.exact, ref.exact)
+    labels = cluster_neurons(V, sid, 0.5, math.pi / 6, backend="faiss", device=device, knn="torch")
+    np.testing.assert_array_equal(labels, fast.labels)
+    with pytest.raises(ecdist.ConfigError, match="pip install faiss-cpu"):  # FAISS's own search still needs it
+        cluster_layer(V, sid, 0.5, math.pi / 6, backend="faiss", device="cpu", knn="faiss")
+
+
+@pytest.mark.parametrize(
+    "device,knn,faiss_gpus,cuda,lib,gpu",
+    [
+        ("auto", "auto", 1, True, "faiss", True),  # faiss-gpu first
+        ("auto", "auto", 0, True, "torch", True),  # then torch on CUDA
+        ("auto", "auto", 0, False, "faiss", False),  # then FAISS on the CPU
+        ("cuda", "auto", 0, True, "torch", True),
+        ("cpu", "auto", 1, True, "faiss", False),
+        ("auto", "faiss", 0, True, "faiss", False),
+        ("auto", "torch", 1, True, "torch", True),
+        ("auto", "torch", 0, False, "torch", False),
+        ("cuda", "faiss", 0, True, None, None),  # FAISS sees no GPU
+        ("cuda", "torch", 1, False, None, None),  # torch sees none
+        ("cuda", "auto", 0, False, None, None),
+    ],
+)
+def test_the_search_is_chosen_once(device, knn, faiss_gpus, cuda, lib, gpu, monkeypatch):
+    monkeypatch.setattr(faiss_backend, "_faiss_gpus", lambda: faiss_gpus)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if lib is None:
+        with pytest.raises(ecdist.ConfigError, match="device: 'cuda'"):
+            NeuronIndex(5, device=device, knn=knn)
+        return
+    index = NeuronIndex(5, device=device, knn=knn)
+    assert (index._lib, index._gpu) == (lib, gpu)
+    assert index._make_plan(10_000).kind == ("flat" if gpu else "ivf")  # EXACT_MAX_GPU on any GPU
+    with pytest.raises(ecdist.ConfigError, match="knn"):
+        NeuronIndex(5, knn="hnsw")
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+def test_torch_search_runs_in_true_float32(monkeypatch):
+    """A process that allows TF32 / bf16 products (``set_float32_matmul_precision("medium")``)
+    still gets full float32 distances, which the error bound needs; its setting is kept."""
+    seen = []
+    inner = torch_knn._search_block
+
+    def spy(*args):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return inner(*args)
+
+    monkeypatch.setattr(torch_knn, "_search_block", spy)
+    x = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        torch_knn.knn(x, x, 3)
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert seen == [("ieee", "ieee")] and after == "medium"

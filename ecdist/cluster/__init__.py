@@ -4,7 +4,8 @@
 built, and the rules in ``rules`` decide which of its nodes are kept. ``scipy``: exact average
 linkage over all pairwise distances (O(M²) memory, the authors' method). ``faiss``: a kNN graph
 from a FAISS index, exact linkage inside pieces of it, the same rules (memory linear in M; see
-``faiss_backend`` for what is exact). ``auto``: scipy up to ``AUTO_SCIPY_MAX`` rows, FAISS above.
+``faiss_backend`` for what is exact; on a GPU that FAISS cannot use, torch searches the
+neighbours: ``torch_knn``). ``auto``: scipy up to ``AUTO_SCIPY_MAX`` rows, FAISS above.
 
 Example:
     >>> import numpy as np
@@ -88,6 +89,7 @@ def cluster_layer(
     n_students: int | None = None,
     min_separation: float = 3.0,
     device: str = "auto",
+    knn: str = "auto",
 ) -> Clusters:
     """Cluster canonicalised neuron vectors of one layer and keep the teacher's neurons.
 
@@ -96,8 +98,10 @@ def cluster_layer(
     its members' median pairwise angle stays below β; weights: (M,) output contribution of
     each neuron — rows below ``drop`` × the largest are ignored (they are debris whose
     incoming vector is arbitrary); n_students: N (default: distinct ``student_ids``);
-    backend: "auto", "scipy" or "faiss"; device: where FAISS searches ("auto": a GPU when
-    FAISS has one, "cpu", "cuda").
+    backend: "auto", "scipy" or "faiss"; device: where the FAISS backend searches the
+    neighbours ("auto": a GPU when there is one, "cpu", "cuda"); knn: who searches them ("auto":
+    FAISS on a GPU it can use, else torch on a CUDA GPU, else FAISS on the CPU; "faiss";
+    "torch"; see ``NeuronIndex``).
     """
     vectors = np.asarray(vectors)
     student_ids = np.asarray(student_ids)
@@ -109,7 +113,7 @@ def cluster_layer(
     rows = np.flatnonzero(~dropped)
     used = backend if backend != "auto" else ("scipy" if rows.size <= AUTO_SCIPY_MAX else "faiss")
     if used == "faiss":
-        index = NeuronIndex(vectors.shape[1], device=device)
+        index = NeuronIndex(vectors.shape[1], device=device, knn=knn)
         index.add(vectors, student_ids, weights)
         return index.cluster(
             gamma, beta, rule=rule, drop=drop, n_students=n_students, min_separation=min_separation

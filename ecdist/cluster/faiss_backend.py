@@ -7,6 +7,8 @@ only grow). The backend builds on that:
 
 1. **kNN graph.** The rows go into a FAISS index (exact ``IndexFlatL2`` up to ``exact_max`` rows,
    IVF above; moved to the GPU when FAISS has one), searched in blocks for k neighbours each.
+   On a GPU that FAISS cannot use (faiss-cpu, or no FAISS: faiss-gpu's wheels need CUDA 12) the
+   exact search is torch's (``torch_knn``: same expansion, same results, same rounding bound).
    Copies of one neuron that the graph leaves apart (more ties than k, IVF list borders) are
    joined by a search over the centroids of groups of near-identical rows.
 2. **Leaves.** The graph's minimum spanning tree, read bottom-up (single linkage), grows sets of
@@ -43,15 +45,17 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError
-from . import rules, scipy_backend
+from . import rules, scipy_backend, torch_knn
 
 LOG = logging.getLogger(__name__)
 
 K = 24  # neighbours per row in the kNN graph
 EXACT_MAX_CPU = 5_000  # rows searched with an exact flat index on a CPU (O(M²·D)); IVF above
-EXACT_MAX_GPU = 2_000_000  # a GPU searches a million rows exactly in seconds
+EXACT_MAX_GPU = 2_000_000  # a GPU searches a million rows exactly in seconds (torch on an H200: 16 s)
+KNN = ("auto", "faiss", "torch")  # libraries that search the neighbours
 NLIST_PER_SQRT = 4.0  # IVF lists per √M
 NPROBE = 2  # IVF lists searched per query (pre-assigned CPU search: 1, 2 for rows near a list border)
 MAX_COMPONENT = 4096  # rows of the largest exact linkage: 8 M pairs, 67 MB of condensed distances
@@ -64,10 +68,11 @@ F32_ERR = float(np.sqrt(4 * np.finfo(np.float32).eps))  # float32 distance error
 def _faiss():
     try:
         import faiss
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+    except ImportError:  # faiss-cpu is a dependency, but a GPU machine can do without it
         raise ConfigError(
-            "cluster_backend: the 'faiss' backend needs FAISS; install it with `pip install faiss-cpu` "
-            "(or `pip install 'ecdist[gpu]'` for faiss-gpu), or use cluster_backend='scipy'"
+            "cluster_backend: the 'faiss' backend needs FAISS here (a search on the CPU, or an IVF index "
+            "above exact_max rows); install it with `pip install faiss-cpu` (or `pip install 'ecdist[gpu]'` "
+            "for faiss-gpu), search with torch (knn='torch', and exact_max above the row count), or use cluster_backend='scipy'"
         ) from None
     return faiss
 
@@ -78,11 +83,38 @@ def gpu_count() -> int:
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
+def _resolve(device: str, knn: str) -> tuple[str, bool]:
+    """(library, on a GPU) of the neighbour search: faiss-gpu, else torch on CUDA, else FAISS on the CPU."""
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if knn == "torch":
+        lib, gpu = "torch", cuda
+    elif device != "cpu" and _faiss_gpus() > 0:
+        lib, gpu = "faiss", True
+    elif knn == "auto" and cuda:
+        lib, gpu = "torch", True
+    else:
+        lib, gpu = "faiss", False
+    if device == "cuda" and not gpu:
+        why = {"torch": "torch sees no CUDA GPU", "faiss": "FAISS sees no GPU (install faiss-gpu, or pass knn='torch')"}
+        raise ConfigError(f"device: 'cuda' was asked for but {why.get(knn, 'neither FAISS nor torch sees a GPU')}; "
+                          "use device='auto' or 'cpu'")
+    return lib, gpu
+
+
+def _faiss_gpus() -> int:
+    """``gpu_count``, 0 without FAISS."""
+    try:
+        return gpu_count()
+    except ConfigError:
+        return 0
+
+
 @dataclass
 class _Plan:
     """How the index is built, resolved once from the row count and the device."""
 
     kind: str  # "flat" (exact) or "ivf"
+    lib: str  # "faiss" or "torch" (flat only)
     gpu: bool
     nlist: int = 0
     nprobe: int = 0
@@ -95,9 +127,12 @@ class NeuronIndex:
     each pack at once; an IVF index trains on the first packs that reach its sample size);
     otherwise at ``cluster``. ``cluster`` returns the same ``Clusters`` as ``cluster_layer``.
 
-    dim: D of the rows [w; b]; device: "auto" (a GPU when FAISS has one), "cpu" or "cuda";
-    k: neighbours per row; exact_max: rows searched exactly (flat index), IVF above (default
-    ``EXACT_MAX_CPU`` or ``EXACT_MAX_GPU``);
+    dim: D of the rows [w; b]; device: "auto" (a GPU when there is one), "cpu" or "cuda";
+    knn: who searches the neighbours: "auto" (FAISS on a GPU it can use, else torch on a CUDA
+    GPU, else FAISS on the CPU), "faiss", or "torch" (exact brute force on ``device``, the CPU
+    being for tests; needs no FAISS for up to exact_max rows);
+    k: neighbours per row; exact_max: rows searched exactly (flat index: FAISS's or torch's),
+    a FAISS IVF index above (default ``EXACT_MAX_CPU``, or ``EXACT_MAX_GPU`` on a GPU);
     max_component: rows of the largest exact linkage; work: pairs of rows linked exactly
     (default max(WORK_MIN, WORK_PER_ROW · M)).
 
@@ -118,6 +153,7 @@ class NeuronIndex:
         dim: int,
         *,
         device: str = "auto",
+        knn: str = "auto",
         k: int = K,
         exact_max: int | None = None,
         max_component: int = MAX_COMPONENT,
@@ -129,12 +165,13 @@ class NeuronIndex:
             raise ConfigError(f"dim: expected a positive int, got {dim!r}")
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda" and gpu_count() == 0:
-            raise ConfigError("device: 'cuda' was asked for but FAISS sees no GPU; install faiss-gpu or use 'auto'")
+        if knn not in KNN:
+            raise ConfigError(f"knn: expected one of {', '.join(map(repr, KNN))}, got {knn!r}")
         for name, v, lo in (("k", k, 1), ("exact_max", exact_max, 0), ("max_component", max_component, 2)):
             if not (isinstance(v, int) and v >= lo) and not (name == "exact_max" and v is None):
                 raise ConfigError(f"{name}: expected an int >= {lo}, got {v!r}")
-        self.dim, self.device, self.k = dim, device, k
+        self.dim, self.device, self.knn, self.k = dim, device, knn, k
+        self._lib, self._gpu = _resolve(device, knn)
         self.exact_max, self.max_component, self.work = exact_max, max_component, work
         self.expected_rows, self.seed = expected_rows, seed
         self._packs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -196,15 +233,16 @@ class NeuronIndex:
 
     # ----- the index ---------------------------------------------------------------------------------
     def _make_plan(self, n: int) -> _Plan:
-        gpu = self.device != "cpu" and gpu_count() > 0
-        exact_max = self.exact_max if self.exact_max is not None else (EXACT_MAX_GPU if gpu else EXACT_MAX_CPU)
+        exact_max = self.exact_max if self.exact_max is not None else (EXACT_MAX_GPU if self._gpu else EXACT_MAX_CPU)
         if n <= exact_max:
-            return _Plan("flat", gpu)
+            return _Plan("flat", self._lib, self._gpu)
         nlist = int(min(65536, max(16, NLIST_PER_SQRT * math.sqrt(n))))
-        return _Plan("ivf", gpu, nlist, NPROBE)
+        return _Plan("ivf", "faiss", self._gpu and self._lib == "faiss", nlist, NPROBE)
 
     def _new_index(self, plan: _Plan, train: np.ndarray):
         """An empty index of the plan's kind, trained on ``train`` if it needs training."""
+        if plan.lib == "torch":
+            return torch_knn.TorchFlatIndex(self.dim, "cuda" if plan.gpu else "cpu")
         faiss = _faiss()
         if plan.kind == "flat":
             index = faiss.IndexFlatL2(self.dim)
@@ -293,10 +331,10 @@ class NeuronIndex:
         # 1. kNN graph
         copy_h = F32_ERR * radius  # rows closer than this are copies of one neuron to float32 precision
         nbr, dist = self._knn(vectors, rows, copy_h=copy_h)
-        same = _copy_edges(nbr, dist, copy_h, kept_vectors, shift)
+        same = _copy_edges(nbr, dist, copy_h, kept_vectors, shift, self._small_knn)
         info["knn_s"] = time.perf_counter() - t
         plan = self._plan
-        info["index"] = {"kind": plan.kind, "gpu": plan.gpu, "nlist": plan.nlist, "nprobe": plan.nprobe}
+        info["index"] = {"kind": plan.kind, "lib": plan.lib, "gpu": plan.gpu, "nlist": plan.nlist, "nprobe": plan.nprobe}
         t = time.perf_counter()
         # 2. leaves, grown along the spanning tree
         u, v, h = _spanning_tree(nbr, dist, m, extra=same)
@@ -334,7 +372,7 @@ class NeuronIndex:
         info["exact_pairs"] = exact_work
         info["linkage_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        _upper(dendro, kept_vectors, shift, leaf_idx, leaf_rows, leaf_node, grow.refused)
+        _upper(dendro, kept_vectors, shift, leaf_idx, leaf_rows, leaf_node, grow.refused, self._small_knn)
         Zhat = self.linkage_ = dendro.linkage()
         info["upper_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -400,6 +438,12 @@ class NeuronIndex:
             nbr[s : s + len(q)] = I
             dist[s : s + len(q)] = D
         return nbr, dist
+
+    def _small_knn(self, xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search among a few group centroids, with the index's library (``faiss.knn``'s output)."""
+        if self._lib == "torch":
+            return torch_knn.knn(xq, xb, k, "cuda" if self._gpu else "cpu")
+        return _faiss().knn(xq, xb, k)
 
     def _preassign(self, index, vectors, rows, copy_h: float) -> tuple[np.ndarray, np.ndarray]:
         """Add the rows to a CPU IVF index by one pass of its quantizer; return each row's two
@@ -469,13 +513,13 @@ def _drop_self(I: np.ndarray, D: np.ndarray, self_pos: np.ndarray, k: int) -> tu
     return I, D
 
 
-def _copy_edges(nbr, dist, copy_h, vectors, shift) -> tuple[np.ndarray, np.ndarray]:
+def _copy_edges(nbr, dist, copy_h, vectors, shift, knn) -> tuple[np.ndarray, np.ndarray]:
     """Edges that join the pieces of one neuron's copies which the kNN graph left apart.
 
     More than k rows within float32 rounding of each other tie, and k neighbours each need not
     link them all. Groups of such rows (joined by kNN edges under ``copy_h``, every row's k-th
     neighbour under it) are searched by their centroids; groups whose centroids lie within
-    ``copy_h`` are joined.
+    ``copy_h`` are joined. knn: exact search, as ``faiss.knn``.
     """
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
@@ -497,7 +541,7 @@ def _copy_edges(nbr, dist, copy_h, vectors, shift) -> tuple[np.ndarray, np.ndarr
     cent /= np.bincount(inv, minlength=groups.size)[:, None]
     kc = min(8, groups.size - 1)
     c32 = np.ascontiguousarray(cent, dtype=np.float32)
-    D, I = _faiss().knn(c32, c32, kc + 1)
+    D, I = knn(c32, c32, kc + 1)
     a = np.repeat(np.arange(groups.size), kc + 1)
     b, d = I.ravel(), np.sqrt(np.maximum(D.ravel(), 0))
     keep = (b >= 0) & (b != a) & (d <= copy_h)
@@ -697,9 +741,10 @@ class _Stats:
         return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def _upper(dendro: _Dendrogram, vectors, shift, leaf_idx, leaf_rows, leaf_node, refused) -> None:
+def _upper(dendro: _Dendrogram, vectors, shift, leaf_idx, leaf_rows, leaf_node, refused, knn) -> None:
     """Join the leaves into one tree: along the refused spanning-tree edges (shortest first), then
-    across the kNN graph's components by their centroids; heights are RMS distances, made monotone."""
+    across the kNN graph's components by their centroids (knn: exact search, as ``faiss.knn``);
+    heights are RMS distances, made monotone."""
     stats = _Stats(vectors, shift)
     n = len(leaf_rows)
     parent = list(range(n))
@@ -750,7 +795,8 @@ def _upper(dendro: _Dendrogram, vectors, shift, leaf_idx, leaf_rows, leaf_node, 
             break
         cent = np.vstack([get(g)[1] / get(g)[0] for g in roots])
         kc = min(16, len(roots) - 1)
-        Dc, Ic = _faiss().knn(np.ascontiguousarray(cent, dtype=np.float32), np.ascontiguousarray(cent, dtype=np.float32), kc + 1)
+        c32 = np.ascontiguousarray(cent, dtype=np.float32)
+        Dc, Ic = knn(c32, c32, kc + 1)
         Ic, Dc = _drop_self(Ic, Dc, np.arange(len(roots)), kc)
         cu, cv, _ = _spanning_tree(Ic, np.sqrt(np.maximum(Dc, 0)).astype(np.float32), len(roots))
         if not len(cu):  # identical centroids everywhere: join in order
