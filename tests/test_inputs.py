@@ -490,6 +490,8 @@ BAD_VALUES = [
     ("patience", -1), ("cooldown", -1), ("min_lr", 0.0), ("finish_lm", 1), ("finish_lm", "yes"),
     ("finetune_iter", -1), ("prune", None), ("fallback", "no"), ("pack_size", -1), ("threads", -2),
     ("cpus_per_pack", 0), ("gpus_per_pack", -0.5), ("actor_restarts", 1.5),
+    ("seed", 2**32), ("threads", 10**6), ("teacher_batch", 0), ("teacher_timeout", 0), ("teacher_timeout", "1s"),
+    ("teacher_retries", -1), ("teacher_backoff", -1.0), ("teacher_backoff", float("nan")),
 ]
 
 
@@ -510,7 +512,8 @@ def test_every_field_has_a_checked_bad_value():
     "field,value",
     [("gamma", 1), ("beta", math.pi / 2), ("beta", 1e-9), ("drop", 0.0), ("student_tol", 0.0), ("min_separation", 1),
      ("lm_max_iter", 0), ("pack_size", 0), ("threads", 0), ("dtype", "float32"), ("cluster_rule", "reference"),
-     ("backend", "ray"), ("gpus_per_pack", 0.25), ("actor_restarts", 0)],
+     ("backend", "ray"), ("gpus_per_pack", 0.25), ("actor_restarts", 0), ("seed", 2**32 - 1),
+     ("teacher_timeout", None), ("teacher_timeout", 0.5), ("teacher_retries", 0), ("teacher_backoff", 0.0)],
 )
 def test_config_accepts_boundary_values(field, value):
     c = Config(**{"activation": "tanh", "student_widths": [8], field: value})
@@ -593,7 +596,8 @@ def test_config_fingerprint():
                a.replace(student_widths=[9]).fingerprint(), a.replace(activation="relu").fingerprint()}
     assert a.fingerprint() not in changed and len(changed) == 4
     # where a run executes is not part of its identity: a run can be resumed elsewhere
-    elsewhere = a.replace(backend="ray", threads=1, pack_size=3, cpus_per_pack=2, gpus_per_pack=0.5, actor_restarts=0)
+    elsewhere = a.replace(backend="ray", threads=1, pack_size=3, cpus_per_pack=2, gpus_per_pack=0.5, actor_restarts=0,
+                          teacher_batch=7, teacher_timeout=30.0, teacher_retries=5, teacher_backoff=0.1)
     assert elsewhere.fingerprint() == a.fingerprint()
     assert a.replace(device="cpu").fingerprint() != a.fingerprint()  # a device changes the arithmetic
 
@@ -603,3 +607,18 @@ def test_config_replace_validates():
     assert c.replace(n_students=10).n_students == 10 and c.n_students == 20
     with pytest.raises(ConfigError, match="^n_students:"):
         c.replace(n_students=0)
+    with pytest.raises(ConfigError, match="unknown config field.*n_studnets"):
+        c.replace(n_studnets=10)
+
+
+def test_config_numpy_scalars_become_plain_numbers():
+    """Values read from numpy (np.int64 widths, np.float32 γ) pass the checks; JSON must hold them too."""
+    c = Config(activation="tanh", student_widths=[np.int64(8)], n_students=np.int32(10), gamma=np.float32(0.5))
+    assert type(c.student_widths[0]) is int and type(c.n_students) is int and type(c.gamma) is float
+    assert Config.from_json(c.to_json()) == c and c.fingerprint() == Config(activation="tanh", student_widths=[8],
+                                                                             n_students=10).fingerprint()
+
+
+def test_config_from_json_needs_text():
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Config.from_json(3)
