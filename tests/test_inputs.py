@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import pickle
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -320,6 +321,118 @@ def test_query_teacher_that_raises_names_the_query_range():
 
     with pytest.raises(TeacherError, match=r"RuntimeError on queries 10\.\.19: oracle offline"):
         ecdist.teachers.query(f, X, batch_size=10)
+
+
+# ----- teachers: retries and timeouts ------------------------------------------------------------------
+def test_query_retries_a_call_that_hangs_then_answers():
+    """The first call blocks on an Event (no sleep, no race on a busy machine): after the 0.5 s
+    timeout it is abandoned, the retry answers, and the abandoned call's late answer is ignored."""
+    X = ecdist.queries.gaussian(25, 3, seed=0)
+    release = threading.Event()
+    calls = []
+
+    def hangs_once(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            release.wait()
+            return np.full(len(x), np.nan)  # the late answer: would fail the finite check if it were used
+        return x.sum(axis=1)
+
+    try:
+        Y = ecdist.teachers.query(hangs_once, X, batch_size=10, timeout=0.5, retries=2, backoff=0.0)
+    finally:
+        release.set()
+    assert calls == [10, 10, 10, 5]  # batch 0 twice (hung, retried), then batches 1 and 2 once
+    np.testing.assert_array_equal(Y[:, 0], X.sum(axis=1))
+
+
+def test_query_teacher_that_keeps_hanging_names_the_batch():
+    X = ecdist.queries.gaussian(25, 3, seed=0)
+    release = threading.Event()
+
+    def hangs_on_second_batch(x):
+        if x[0, 0] == X[10, 0]:
+            release.wait()
+        return x[:, 0]
+
+    try:
+        with pytest.raises(TeacherError, match=r"did not answer queries 10\.\.19 within 0\.2 s \(tried 2 times"):
+            ecdist.teachers.query(hangs_on_second_batch, X, batch_size=10, timeout=0.2, retries=1, backoff=0.0)
+    finally:
+        release.set()
+
+
+def test_query_retries_with_exponential_backoff_then_names_the_batch_and_cause(monkeypatch):
+    X = ecdist.queries.gaussian(25, 3, seed=0)
+    waits, calls = [], []
+    monkeypatch.setattr(ecdist.teachers.time, "sleep", waits.append)
+
+    def offline_on_second_batch(x):
+        calls.append(len(x))
+        if len(calls) >= 2:
+            raise ConnectionError("oracle offline")
+        return x[:, 0]
+
+    with pytest.raises(TeacherError, match=r"ConnectionError on queries 10\.\.19: oracle offline \(tried 4 times"):
+        ecdist.teachers.query(offline_on_second_batch, X, batch_size=10, retries=3, backoff=0.5)
+    assert waits == [0.5, 1.0, 2.0] and calls == [10] + [10] * 4
+
+
+def test_query_a_flaky_teacher_succeeds_on_retry(monkeypatch):
+    monkeypatch.setattr(ecdist.teachers.time, "sleep", lambda s: None)
+    X = ecdist.queries.gaussian(12, 3, seed=0)
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) % 2:
+            raise TimeoutError("busy")
+        return 2 * x[:, 0]
+
+    Y = ecdist.teachers.query(flaky, X, batch_size=6, retries=1)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(Y[:, 0], 2 * X[:, 0])
+
+
+def test_query_does_not_retry_a_torch_module():
+    """A module's arithmetic is local and deterministic: a failure is not worth a retry."""
+    calls = []
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(TeacherError, match="RuntimeError on queries 0..4: shape mismatch"):
+        ecdist.teachers.query(Broken(), np.ones((5, 2)), retries=3, backoff=0.0, timeout=1.0)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "answer,match",
+    [
+        (lambda x: np.array(["a"] * len(x)), "numeric"),
+        (lambda x: x[:, 0] + 1j, "numeric"),
+        (lambda x: [{"y": 1}] * len(x), "numeric"),
+        (lambda x: np.zeros((len(x), 0)), "no outputs"),
+        (lambda x: np.full(len(x), 1e200), "infinite"),
+    ],
+    ids=["text", "complex", "objects", "no columns", "huge"],
+)
+def test_query_refuses_answers_that_are_not_finite_numbers(answer, match):
+    with pytest.raises(TeacherError, match=match):
+        ecdist.teachers.query(answer, ecdist.queries.gaussian(10, 3, seed=0))
+
+
+def test_query_output_width_must_not_change_between_batches():
+    widths = iter([1, 2])
+    with pytest.raises(TeacherError, match=r"queries 5\.\.9 with 2 outputs per query, earlier queries with 1"):
+        ecdist.teachers.query(lambda x: np.zeros((len(x), next(widths))), np.ones((10, 2)), batch_size=5)
+
+
+def test_query_checks_the_input_width_of_a_known_teacher():
+    with pytest.raises(TeacherError, match="takes 3 inputs but the queries have 4"):
+        ecdist.teachers.query(ecdist.teachers.random_mlp([3, 2, 1]), np.ones((5, 4)))
 
 
 def test_query_rejects_a_non_callable():
