@@ -184,9 +184,12 @@ class Standardizer:
 
     @classmethod
     def fit(cls, A: np.ndarray) -> "Standardizer":
-        mean = A.mean(axis=0)
+        """Constant columns are found exactly (max = min): their computed std is rounding noise
+        (1e-16 for a column of 0.3s), which as a scale would blow the column up to ±1."""
+        const = np.ptp(A, axis=0) == 0
+        mean = np.where(const, A[0], A.mean(axis=0))
         std = A.std(axis=0)
-        return cls(mean, np.where(std > 0, std, 1.0))
+        return cls(mean, np.where(~const & (std > 0), std, 1.0))
 
     def __call__(self, A: np.ndarray) -> np.ndarray:
         return (A - self.mean) / self.scale

@@ -175,6 +175,7 @@ BAD_TEACHERS = {
     "NaN": (lambda X: np.where(np.arange(len(X)) == 4, np.nan, X[:, 0]), r"NaN.*\[4\]"),
     "inf": (lambda X: np.where(np.arange(len(X)) >= 498, np.inf, X[:, 0]), r"infinite.*\[498, 499\]"),
     "constant": (lambda X: np.ones(len(X)), "constant"),
+    "constant 1e-16": (lambda X: np.full(len(X), 1e-16), "constant"),  # its np.std is 1e-32, not 0
     "raises": (lambda X: 1 / 0, "ZeroDivisionError"),
     "wrong d_in module": (ecdist.teachers.random_mlp([3, 2, 1], "tanh"), "takes 3 inputs but the queries have 10"),
 }

@@ -569,6 +569,16 @@ def test_standardizer():
     np.testing.assert_array_equal(Z[:, 1], 0.0)  # constant columns are centred, not divided by zero
 
 
+def test_standardizer_finds_constant_columns_exactly():
+    """np.std of 1,797 copies of 0.3 is 5.6e-17, not 0: as a scale it would turn the column into ±1
+    and make the recovered weights on it 1e16 times too large (found by tests/test_fuzz.py)."""
+    X = np.column_stack([np.linspace(0, 1, 1797), np.full(1797, 0.3)])
+    assert X[:, 1].std() > 0
+    s = ecdist.queries.Standardizer.fit(X)
+    assert s.scale[1] == 1.0 and s.mean[1] == 0.3
+    np.testing.assert_array_equal(s(X)[:, 1], 0.0)
+
+
 # ----- Config ---------------------------------------------------------------------------------------------
 def test_config_defaults():
     c = Config(activation="tanh", student_widths=[32])
