@@ -112,13 +112,16 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError and others for foreign content
         raise TeacherError(
-            f"teacher file {path} could not be read safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"teacher file {path} could not be read safely ({type(exc).__name__}: {str(exc)[:200]}); "
             "save the teacher with torch.save(module.state_dict(), path) or safetensors"
         ) from None
     if isinstance(state, nn.Module):
         state = state.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TeacherError(f"teacher file {path} does not hold a state dict of tensors")
+    for k, v in state.items():
+        if v.is_complex() or not (v.is_floating_point() or v.dtype in _INT_DTYPES) or not torch.isfinite(v).all():
+            raise TeacherError(f"teacher file {path}: {k} holds {v.dtype} values that are not all finite real numbers")
     items = sorted(state.items(), key=lambda kv: _natural(kv[0]))  # layers.10 after layers.2
     mats = [(k, v) for k, v in items if v.ndim == 2]
     vecs = [(k, v) for k, v in items if v.ndim == 1]
@@ -137,6 +140,9 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
     return from_layers(
         [w.double().numpy() for _, w in mats], [b.double().numpy() for _, b in vecs], activation
     )
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _natural(key: str) -> list:
