@@ -490,6 +490,17 @@ def test_load_npy_refuses_pickled_objects(tmp_path):
         ecdist.queries.load(tmp_path / "obj.npy")
 
 
+def test_malicious_npy_queries_are_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    np.save(tmp_path / "X.npy", np.array([_Payload(str(marker)), 1.0], dtype=object), allow_pickle=True)
+    np.load(tmp_path / "X.npy", allow_pickle=True)[0].close()  # the payload is live: loading it runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(QueryError, match="could not be read"):
+        ecdist.queries.load(tmp_path / "X.npy")
+    assert not marker.exists()
+
+
 def test_load_parquet_one_column_per_input(tmp_path):
     X = ecdist.queries.gaussian(30, 3, seed=0)
     pq.write_table(pa.table({"a": X[:, 0], "b": X[:, 1], "c": X[:, 2]}), tmp_path / "X.parquet")
