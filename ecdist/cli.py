@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _NOT_FLAGS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        kind = next((a for a in get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # X | None → X
         helptext = f"{f.metadata['help']} (default: {f.default:.4g})" if isinstance(f.default, float) else f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except EcdistError as exc:
-        print(f"ecdist: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).split())  # a message quoting a file or a library may hold newlines
+        print(f"ecdist: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ecdist: interrupted", file=sys.stderr)

@@ -22,7 +22,10 @@ from .errors import ConfigError
 
 SCHEMA_VERSION = 1
 # where and how parallel a run executes; a student's arithmetic does not depend on them
-EXECUTION_FIELDS = frozenset({"backend", "threads", "pack_size", "cpus_per_pack", "gpus_per_pack", "actor_restarts"})
+EXECUTION_FIELDS = frozenset({"backend", "threads", "pack_size", "cpus_per_pack", "gpus_per_pack", "actor_restarts",
+                              "teacher_batch", "teacher_timeout", "teacher_retries", "teacher_backoff"})
+MAX_SEED = 2**32 - 1  # derived seeds (seed·1,000,003 + pack)·101 + layer must stay below torch's 2**64
+MAX_THREADS = 1024  # far above any machine; a larger count is a typo that would make torch fail
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -123,6 +126,16 @@ class Config:
         default=3,
     )
     threads: int = _doc("torch threads for in-process training (0: all cores)", default=0)
+    teacher_batch: int = _doc("queries per teacher call: the teacher never sees more rows at once", default=65536)
+    teacher_timeout: float | None = _doc(
+        "seconds a black-box teacher call may take before it is retried (None: wait for ever); the late call is "
+        "abandoned in its thread, not killed (Python cannot stop a thread)",
+        default=None,
+    )
+    teacher_retries: int = _doc("times a black-box teacher call that raises or times out is tried again", default=2)
+    teacher_backoff: float = _doc(
+        "seconds before the first retry of a teacher call; each further retry waits twice as long", default=1.0
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.student_widths, tuple):
@@ -135,6 +148,7 @@ class Config:
                 ok = False
             if not ok:
                 raise ConfigError(f"{name}: got {value!r}; expected {allowed}")
+            object.__setattr__(self, name, _plain(value))  # numpy scalars → int/float, so JSON can hold them
         activations.get(self.activation)  # names the known activations on failure
         if math.floor(self.gamma * self.n_students + 1e-9) < 2:
             raise ConfigError(
@@ -171,7 +185,7 @@ class Config:
     def from_json(cls, text: str) -> "Config":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"config JSON is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.pop("schema", None) != SCHEMA_VERSION:
             raise ConfigError(f"config JSON is not of schema version {SCHEMA_VERSION}")
@@ -184,7 +198,23 @@ class Config:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "Config":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(_CONSTRAINTS)}")
         return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    """A checked value with numpy (or other numbers-ABC) scalars turned into int / float."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _int(lo: int) -> Callable[[Any], bool]:
@@ -200,6 +230,10 @@ def _num(lo: float, hi: float, lo_open: bool = True, hi_open: bool = False) -> C
     return check
 
 
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
 def _one_of(*opts: str) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in opts), "one of " + ", ".join(repr(o) for o in opts)
 
@@ -213,7 +247,7 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_students": (_int(2), "an int >= 2"),
     "gamma": (_num(0, 1), "a number in (0, 1]"),
     "beta": (_num(0, math.pi / 2), "an angle in radians in (0, π/2]"),
-    "seed": (_int(0), "an int >= 0"),
+    "seed": (lambda v: _int(0)(v) and v <= MAX_SEED, f"an int in [0, {MAX_SEED}]"),
     "dtype": _one_of("float64", "float32"),
     "backend": _one_of("auto", "local", "ray"),
     "device": _one_of("auto", "cpu", "cuda"),
@@ -239,8 +273,12 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prune": (lambda v: isinstance(v, bool), "True or False"),
     "fallback": (lambda v: isinstance(v, bool), "True or False"),
     "pack_size": (_int(0), "an int >= 0"),
-    "threads": (_int(0), "an int >= 0"),
+    "threads": (lambda v: _int(0)(v) and v <= MAX_THREADS, f"an int in [0, {MAX_THREADS}]"),
     "cpus_per_pack": (_int(1), "an int >= 1"),
     "gpus_per_pack": (_num(0, math.inf, lo_open=False, hi_open=True), "a number >= 0"),
     "actor_restarts": (_int(0), "an int >= 0"),
+    "teacher_batch": (_int(1), "an int >= 1"),
+    "teacher_timeout": (_optional(_num(0, math.inf, hi_open=True)), "None or a positive number of seconds"),
+    "teacher_retries": (_int(0), "an int >= 0"),
+    "teacher_backoff": (_num(0, math.inf, lo_open=False, hi_open=True), "a number of seconds >= 0"),
 }

@@ -120,9 +120,17 @@ def session(address: str | None = None, num_cpus: int | None = None) -> Iterator
 
 
 def resources() -> dict[str, float]:
-    """CPUs and GPUs of the cluster Ray is connected to."""
+    """CPUs and GPUs of the cluster Ray is connected to: in all, and on its largest node
+    (``node_CPU``, ``node_GPU``) — an actor lives on one node, so a share larger than any
+    node's would wait for ever, however many the cluster has in all."""
     total = ray.cluster_resources()
-    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {
+        "CPU": float(total.get("CPU", 0.0)),
+        "GPU": float(total.get("GPU", 0.0)),
+        "node_CPU": float(max((n.get("CPU", 0.0) for n in nodes), default=0.0)),
+        "node_GPU": float(max((n.get("GPU", 0.0) for n in nodes), default=0.0)),
+    }
 
 
 def actor_shares(config: Config, total: dict[str, float]) -> tuple[float, float, int]:
@@ -144,6 +152,13 @@ def actor_shares(config: Config, total: dict[str, float]) -> tuple[float, float,
             f"gpus_per_pack: {gpus:g} GPUs per pack, but the Ray cluster has {total['GPU']:g} GPUs "
             f"(ray.cluster_resources() = {total}); set gpus_per_pack=0 or device='cpu'"
         )
+    for kind, share, field in (("CPU", cpus, "cpus_per_pack"), ("GPU", gpus, "gpus_per_pack")):
+        largest = total.get(f"node_{kind}", share)  # absent: a resource view without nodes (tests, plans)
+        if share > largest:
+            raise ConfigError(
+                f"{field}: {share:g} {kind}s per pack, but the largest node of the Ray cluster has {largest:g} "
+                f"(an actor runs on one node; {total}); lower {field} or add larger nodes"
+            )
     slots = int(total["CPU"] // cpus) if cpus > 0 else 1
     if gpus > 0:
         slots = min(slots, int(total["GPU"] // gpus + 1e-9))

@@ -91,6 +91,8 @@ def compare(
         ([3], True, 0.0)
     """
     act = activations.get(activation)
+    if not isinstance(network, nn.Module):
+        raise TeacherError(f"network: expected the recovered torch module (result.network), got {type(network).__name__}")
     rec_layers = _layers(network)
     d_in = rec_layers[0][0].shape[1]
     X = gaussian(2000, d_in, seed=seed) if X is None else validate(X)

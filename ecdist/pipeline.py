@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from .config import Config
 from .errors import ConfigError, QueryError, RecoveryError, RunFolderError, TeacherError
 from .network import MLP
 from .packs import PackResult, PackTrainer
-from .queries import Standardizer, validate
+from .queries import Standardizer, physical_memory, validate
 from .reconstruct import (
     EXACT_FIT,
     REFERENCE_TOP,
@@ -153,10 +154,11 @@ def _recover(
     else:
         _require(teacher, X, config, out, resume)
         X = validate(X)
+        _check_before_querying(teacher, X, config, out)
         if out is not None:
             storage.RunFolder.check_new(out)  # before the teacher is queried, which may take long
-        Y = query(teacher, X)
-        if np.all(Y.std(axis=0) == 0):
+        Y = _query(teacher, X, config)
+        if np.all(np.ptp(Y, axis=0) == 0):  # exact: a constant column's std is rounding noise, not 0
             raise TeacherError("the teacher's output is constant on these queries: there is nothing to recover")
     timings["query"] = time.perf_counter() - t0
     report("query", {"n": len(X), "d_in": X.shape[1], "d_out": Y.shape[1]})
@@ -268,7 +270,7 @@ def _resumed(
             raise RunFolderError(f"{exc}; give the teacher and the queries again to re-query them") from None
         log.warning("%s; querying the teacher again", exc)
         Xr = validate(X)
-        Yr = query(teacher, Xr)
+        Yr = _query(teacher, Xr, config)
         if _fingerprint(Xr, Yr) != ident["data"]:
             raise RunFolderError(
                 f"{exc}; the teacher and queries given again do not give the run's data (its fingerprint in "
@@ -310,6 +312,65 @@ def _check_teacher(teacher: Teacher, recorded: dict[str, str], X: np.ndarray, Y:
             f"{recorded.get('name', 'unnamed')}); resume with the run's teacher, or with none: the run folder "
             "keeps the teacher's answers"
         )
+
+
+def _query(teacher: Teacher, X: np.ndarray, config: Config) -> np.ndarray:
+    """The teacher's answers, batched, timed out and retried as the config says."""
+    return query(
+        teacher, X, config.teacher_batch,
+        timeout=config.teacher_timeout, retries=config.teacher_retries, backoff=config.teacher_backoff,
+    )
+
+
+def _check_before_querying(teacher: Teacher, X: np.ndarray, config: Config, out: str | Path | None) -> None:
+    """What can be known wrong before the teacher is asked and the students train: a teacher
+    whose architecture the students cannot hold, students too large for this machine, and an
+    output folder that cannot be written (found now, not after hours of training)."""
+    if isinstance(teacher, MLP):
+        hidden = teacher.widths[1:-1]
+        if len(hidden) != len(config.student_widths):
+            raise ConfigError(
+                f"student_widths: {len(config.student_widths)} hidden layer(s), but the teacher has {len(hidden)} "
+                f"({hidden}); give one student width per teacher hidden layer, e.g. {[4 * h for h in hidden]}"
+            )
+        narrow = [(s, h) for s, h in zip(config.student_widths, hidden) if s < h]
+        if narrow:
+            raise ConfigError(
+                f"student_widths: {config.student_widths} is narrower than the teacher's hidden widths {hidden}, so "
+                f"no student can fit it; students are ρ ≈ 3–4 times wider than the teacher, e.g. "
+                f"{[4 * h for h in hidden]}"
+            )
+    d_out = teacher.widths[-1] if isinstance(teacher, MLP) else 1
+    need = 8 * config.n_students * n_params([X.shape[1], *config.student_widths, d_out])
+    if need > physical_memory():  # every student's weights come back to this process for clustering
+        raise ConfigError(
+            f"student_widths: {config.n_students} students of widths {config.student_widths} on {X.shape[1]} inputs "
+            f"hold {need / 2**30:.3g} GiB of weights, more than this machine's {physical_memory() / 2**30:.3g} GiB; "
+            "use fewer or narrower students"
+        )
+    if out is not None:
+        _check_writable(Path(out))
+
+
+def _check_writable(out: Path) -> None:
+    """RunFolderError unless ``out`` is, or can be made, a folder this process can write in.
+
+    Nothing is left behind: the nearest existing ancestor is tested with a temporary file, so
+    a run refused later (bad teacher) leaves no empty folder either.
+    """
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise RunFolderError(f"output folder {out}: {base} is a file, not a folder; choose another out / --out")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=".ecdist-write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise RunFolderError(
+            f"output folder {out} cannot be written ({exc.strerror} in {base}); choose another out / --out"
+        ) from None
 
 
 def _use_ray(config: Config, address: str | None) -> bool:
@@ -391,7 +452,7 @@ def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any)
     config = result.config.replace(**changes)
     t0 = time.perf_counter()
     X = validate(X)
-    Y = query(teacher, X)
+    Y = _query(teacher, X, config)
     if result.plan.get("data_fingerprint") not in (None, _fingerprint(X, Y)):
         raise QueryError("recluster: these queries or teacher outputs are not the ones the students were trained on")
     xs, ys = Standardizer.fit(X), Standardizer.fit(Y)

@@ -3,18 +3,26 @@
 Generators take a seed and return float64 arrays (n, d_in): synthetic ones (``gaussian``,
 ``uniform``) and ones built from data (``signed_noise``, ``grid_composition``,
 ``gaussian_like``); ``input_mask`` finds the inputs that never vary. Files are ``.npy`` or
-Parquet (one numeric column per input, or one list column holding each row).
+Parquet (one numeric column per input, or one list column holding each row); ``iter_parquet``
+reads a Parquet file a batch of rows at a time, for query sets larger than memory.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import QueryError
+
+# Largest |value| accepted in queries (and teacher outputs): standardisation squares the values,
+# and 1e150² = 1e300 still fits a float64, whatever the scale of the data.
+MAX_ABS = 1e150
 
 
 def gaussian(n: int, d: int, seed: int = 0, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
@@ -24,12 +32,18 @@ def gaussian(n: int, d: int, seed: int = 0, mean: float = 0.0, std: float = 1.0)
     (3, 2)
     """
     _check_size(n, d)
+    _check_seed(seed)
+    _check_number("mean", mean)
+    _check_number("std", std, positive=True)
     return mean + std * np.random.default_rng(seed).standard_normal((n, d))
 
 
 def uniform(n: int, d: int, seed: int = 0, low: float = -1.0, high: float = 1.0) -> np.ndarray:
     """n queries uniform in the box [low, high]^d."""
     _check_size(n, d)
+    _check_seed(seed)
+    _check_number("low", low)
+    _check_number("high", high)
     if not high > low:
         raise QueryError(f"uniform queries need high > low, got low={low}, high={high}")
     return np.random.default_rng(seed).uniform(low, high, size=(n, d))
@@ -37,7 +51,7 @@ def uniform(n: int, d: int, seed: int = 0, low: float = -1.0, high: float = 1.0)
 
 def load(path: str | Path) -> np.ndarray:
     """Queries from a ``.npy`` file or a Parquet table; checked by ``validate``."""
-    path = Path(path)
+    path = _path(path)
     if not path.is_file():
         raise QueryError(f"query file {path} does not exist")
     try:
@@ -55,10 +69,17 @@ def load(path: str | Path) -> np.ndarray:
 
 
 def _parquet(path: Path) -> np.ndarray:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    return _rows(pq.read_table(path), path)
+
+
+def _rows(table: Any, path: Path) -> np.ndarray:
+    """(rows, d) float64 of a Parquet table or record batch: numeric columns, or one list column."""
+    import pyarrow as pa
+
+    if table.num_columns == 0:
+        raise QueryError(f"query file {path} has no columns")
     first = table.schema.field(0).type
     if table.num_columns == 1 and (pa.types.is_list(first) or pa.types.is_fixed_size_list(first)):
         return np.asarray(table.column(0).to_pylist(), dtype=np.float64)
@@ -71,6 +92,40 @@ def _parquet(path: Path) -> np.ndarray:
     return np.column_stack(cols)
 
 
+def iter_parquet(path: str | Path, batch_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, X) for consecutive batches of at most ``batch_rows`` rows of a Parquet query file.
+
+    Each X is a validated float64 (rows, d) array with the same d throughout. Memory stays at one
+    batch (plus the reader's buffer of the compressed pages it is decoding), not the whole file:
+    ``pyarrow.parquet.ParquetFile.iter_batches`` decodes the file batch by batch.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = _path(path)
+    if not (isinstance(batch_rows, numbers.Integral) and not isinstance(batch_rows, bool) and batch_rows >= 1):
+        raise QueryError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
+    if not path.is_file():
+        raise QueryError(f"query file {path} does not exist")
+    try:
+        reader = pq.ParquetFile(path)
+        batches = reader.iter_batches(batch_size=int(batch_rows))
+        start, d = 0, None
+        for batch in batches:
+            X = validate(_rows(batch, path), first_row=start)
+            if d is not None and X.shape[1] != d:
+                raise QueryError(f"query file {path}: rows from {start} have {X.shape[1]} inputs, earlier rows {d}")
+            d = X.shape[1]
+            yield start, X
+            start += len(X)
+    except QueryError:
+        raise
+    except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise QueryError(f"query file {path} could not be read: {type(exc).__name__}: {exc}") from None
+    if start == 0:
+        raise QueryError(f"query file {path} holds no rows; give at least one query")
+
+
 def save(X: np.ndarray, path: str | Path) -> Path:
     """Write queries as Parquet (one float64 column per input: x0, x1, …)."""
     import pyarrow as pa
@@ -81,22 +136,38 @@ def save(X: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def validate(X: np.ndarray) -> np.ndarray:
-    """Return X as a float64 (n, d) array with n, d ≥ 1 and finite entries, else QueryError."""
-    try:
-        X = np.asarray(X, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise QueryError(f"queries must be a numeric array: {exc}") from None
+def validate(X: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """Return X as a float64 (n, d) array with n, d ≥ 1 and finite entries of at most ``MAX_ABS``,
+    else QueryError (rows are numbered from ``first_row``, for a batch of a larger set)."""
+    X = as_float_array(X, "queries", QueryError)
     if X.ndim != 2:
         raise QueryError(f"queries must be a 2-D array (n_queries, d_in), got shape {X.shape}")
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise QueryError(f"the query set is empty (shape {X.shape}); give at least one query of d_in >= 1 inputs")
-    bad = ~np.isfinite(X).all(axis=1)
-    if bad.any():
+    bad = bad_rows(X)
+    if bad.size:
         raise QueryError(
-            f"queries contain NaN or infinite values in {int(bad.sum())} rows (first: {np.flatnonzero(bad)[:10].tolist()})"
+            f"queries contain NaN or infinite values in {bad.size} rows (first: {(bad[:10] + first_row).tolist()}) "
+            f"— |x| > {MAX_ABS:g} counts as infinite, since standardisation squares it; drop or rescale those rows"
         )
     return X
+
+
+def as_float_array(A: Any, what: str, error: type[Exception]) -> np.ndarray:
+    """A as float64, refusing text, bytes, dates and complex numbers (which numpy would cast)."""
+    try:
+        raw = np.asarray(A)
+        if raw.dtype.kind not in "biufO":
+            raise TypeError(f"{raw.dtype} values")
+        return np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise error(f"{what} must be a numeric array: {exc}") from None
+
+
+def bad_rows(A: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a 2-D float64 array with a NaN, an infinity or |value| > MAX_ABS."""
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero(~(np.abs(A) <= MAX_ABS).all(axis=1))
 
 
 @dataclass(frozen=True)
@@ -113,17 +184,52 @@ class Standardizer:
 
     @classmethod
     def fit(cls, A: np.ndarray) -> "Standardizer":
-        mean = A.mean(axis=0)
+        """Constant columns are found exactly (max = min): their computed std is rounding noise
+        (1e-16 for a column of 0.3s), which as a scale would blow the column up to ±1."""
+        const = np.ptp(A, axis=0) == 0
+        mean = np.where(const, A[0], A.mean(axis=0))
         std = A.std(axis=0)
-        return cls(mean, np.where(std > 0, std, 1.0))
+        return cls(mean, np.where(~const & (std > 0), std, 1.0))
 
     def __call__(self, A: np.ndarray) -> np.ndarray:
         return (A - self.mean) / self.scale
 
 
 def _check_size(n: int, d: int) -> None:
-    if not (isinstance(n, (int, np.integer)) and n >= 1 and isinstance(d, (int, np.integer)) and d >= 1):
+    ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in (n, d))
+    if not ok:
         raise QueryError(f"query generators need n >= 1 queries of d >= 1 inputs, got n={n!r}, d={d!r}")
+    need, have = 8 * int(n) * int(d), physical_memory()
+    if need > have:
+        raise QueryError(
+            f"{n} queries of {d} inputs need {need / 2**30:.3g} GiB, more than this machine's "
+            f"{have / 2**30:.3g} GiB; ask for fewer queries"
+        )
+
+
+def _path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise QueryError(f"a query file is named by a path, got {type(path).__name__}")
+    return Path(path)
+
+
+def _check_seed(seed: Any) -> None:
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise QueryError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def _check_number(name: str, value: Any, positive: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and abs(value) <= MAX_ABS
+    if not ok or (positive and not value > 0):
+        raise QueryError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM of this machine (no limit known: effectively unbounded)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**62
 
 
 # ----- inputs that never vary ------------------------------------------------------------------

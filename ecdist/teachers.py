@@ -2,8 +2,10 @@
 
 A teacher is a torch module (weights readable, for ``compare``) or any callable numpy → numpy
 (a true black box). ``query`` is the one place a teacher is called: in batches, under
-``no_grad``, with every failure turned into a ``TeacherError`` that says what went wrong.
-Files are read with ``torch.load(weights_only=True)`` or safetensors: loading never runs code.
+``no_grad``, with every failure turned into a ``TeacherError`` that says what went wrong;
+a black box that raises or hangs is retried with exponential backoff. ``label_parquet``
+labels a query file larger than memory, batch by batch. Files are read with
+``torch.load(weights_only=True)`` or safetensors: loading never runs code.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import importlib
 import itertools
 import logging
 import math
+import numbers
+import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,8 +29,9 @@ import torch
 from torch import nn
 
 from . import activations
-from .errors import ConfigError, TeacherError
+from .errors import ConfigError, QueryError, TeacherError
 from .network import MLP, from_layers
+from .queries import MAX_ABS, as_float_array, bad_rows, iter_parquet, physical_memory
 
 if TYPE_CHECKING:
     from .datasets import Dataset
@@ -46,9 +52,12 @@ def random_mlp(widths: Sequence[int], activation: str = "tanh", seed: int = 0) -
         >>> t.widths
         [20, 8, 1]
     """
-    widths = [int(w) for w in widths]
-    if len(widths) < 3 or min(widths) < 1:
-        raise TeacherError(f"widths {widths}: need [d_in, h_1, ..., d_out] with at least one hidden layer")
+    widths = parse_arch(widths)
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise TeacherError(f"seed must be an int >= 0, got {seed!r}")
+    need = 8 * sum((i + 1) * o for i, o in itertools.pairwise(widths))
+    if need > physical_memory():
+        raise TeacherError(f"widths {widths}: the weights need {need / 2**30:.3g} GiB, more than this machine has")
     rng = np.random.default_rng(seed)
     weights, biases = [], []
     for li, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
@@ -78,16 +87,25 @@ def fingerprint(teacher: Teacher) -> dict[str, str]:
 
 
 def parse_arch(arch: str | Sequence[int]) -> list[int]:
-    """``"20-8-1"`` → ``[20, 8, 1]``."""
-    if not isinstance(arch, str):
-        return [int(a) for a in arch]
+    """``"20-8-1"`` (or ``[20, 8, 1]``) → ``[20, 8, 1]``, checked: at least one hidden layer, all ≥ 1."""
     try:
-        widths = [int(p) for p in arch.replace("x", "-").split("-")]
-    except ValueError:
-        raise TeacherError(f"arch {arch!r}: expected widths joined by '-', e.g. '20-8-1'") from None
+        if isinstance(arch, str):
+            widths = [int(p) for p in arch.replace("x", "-").split("-")]
+        else:
+            widths = [_int_width(a) for a in arch]
+    except (TypeError, ValueError):
+        raise TeacherError(
+            f"arch (widths) {arch!r}: expected widths joined by '-', e.g. '20-8-1', or a list of ints"
+        ) from None
     if len(widths) < 3 or min(widths) < 1:
-        raise TeacherError(f"arch {arch!r}: expected d_in-h_1-...-d_out with at least one hidden layer")
+        raise TeacherError(f"arch (widths) {arch!r}: expected d_in-h_1-...-d_out with at least one hidden layer")
     return widths
+
+
+def _int_width(a: Any) -> int:
+    if isinstance(a, numbers.Integral) and not isinstance(a, bool):
+        return int(a)
+    raise TypeError(f"{a!r} is not an int")
 
 
 def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
@@ -97,6 +115,8 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
     biases appear in order (``nn.Sequential``: ``0.weight``, ``2.weight``…). A pickled module is
     refused: loading it would run code from the file; save ``module.state_dict()`` instead.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TeacherError(f"a teacher file is named by a path, got {type(path).__name__}")
     path = Path(path)
     widths = parse_arch(arch)
     activations.get(activation)
@@ -111,13 +131,16 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError and others for foreign content
         raise TeacherError(
-            f"teacher file {path} could not be read safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"teacher file {path} could not be read safely ({type(exc).__name__}: {str(exc)[:200]}); "
             "save the teacher with torch.save(module.state_dict(), path) or safetensors"
         ) from None
     if isinstance(state, nn.Module):
         state = state.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TeacherError(f"teacher file {path} does not hold a state dict of tensors")
+    for k, v in state.items():
+        if v.is_complex() or not (v.is_floating_point() or v.dtype in _INT_DTYPES) or not torch.isfinite(v).all():
+            raise TeacherError(f"teacher file {path}: {k} holds {v.dtype} values that are not all finite real numbers")
     items = sorted(state.items(), key=lambda kv: _natural(kv[0]))  # layers.10 after layers.2
     mats = [(k, v) for k, v in items if v.ndim == 2]
     vecs = [(k, v) for k, v in items if v.ndim == 1]
@@ -138,6 +161,9 @@ def load(path: str | Path, arch: str | Sequence[int], activation: str) -> MLP:
     )
 
 
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def _natural(key: str) -> list:
     """Sort key that orders numbered parts by number ("layers.2" before "layers.10")."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key)]
@@ -145,53 +171,172 @@ def _natural(key: str) -> list:
 
 def from_spec(spec: str) -> Callable[[np.ndarray], Any]:
     """A black-box teacher named ``package.module:function`` (imported, so this runs its code)."""
+    if not isinstance(spec, str):
+        raise TeacherError(f"teacher: expected 'module:function', got {type(spec).__name__}")
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
         raise TeacherError(f"teacher {spec!r}: expected 'module:function', e.g. 'mypkg.oracle:query'")
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise TeacherError(f"teacher {spec!r} could not be imported: {exc}") from None
+    except Exception as exc:  # the module's own code runs here and may fail in any way
+        raise TeacherError(f"teacher {spec!r} could not be imported: {type(exc).__name__}: {exc}") from None
     if not callable(fn):
         raise TeacherError(f"teacher {spec!r} is not callable")
     return fn
 
 
-def query(teacher: Teacher, X: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-    """Y = teacher(X) as a float64 array (n, d_out), checked: right length, finite, 2-D.
+def query(
+    teacher: Teacher,
+    X: np.ndarray,
+    batch_size: int = 65536,
+    *,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+) -> np.ndarray:
+    """Y = teacher(X) as a float64 array (n, d_out), checked: numeric, right length, finite, 2-D.
 
-    Raises TeacherError naming the failing batch or the first bad rows.
+    X: validated queries (n, d_in); the teacher is called on batches of at most ``batch_size``
+    rows. A black-box callable that raises or takes longer than ``timeout`` seconds is tried
+    again up to ``retries`` times, after ``backoff`` seconds, then twice as long each time (a
+    remote oracle's hiccup should not cost an hours-long run). A timed-out call cannot be
+    killed — Python has no way to stop a thread — so it is abandoned in its daemon thread and
+    its late answer discarded; a teacher that holds resources should time itself out. Torch
+    modules are called directly, without either: their arithmetic is local and deterministic.
+
+    Raises TeacherError naming the failing batch (row range) and its cause, or the bad rows.
+
+    Example:
+        >>> query(lambda x: x.sum(axis=1), np.ones((3, 2))).tolist()
+        [[2.0], [2.0], [2.0]]
     """
-    n = X.shape[0]
-    parts = []
-    for s in range(0, n, batch_size):
-        xb = X[s : s + batch_size]
+    _check_teacher(teacher, X.shape[1])
+    answers = _Answers()
+    parts = [
+        answers.check(_ask(teacher, X[s : s + batch_size], s, timeout, retries, backoff), s, len(X[s : s + batch_size]))
+        for s in range(0, X.shape[0], batch_size)
+    ]
+    answers.finish(X.shape[0])
+    return np.concatenate(parts) if parts else np.zeros((0, 1))
+
+
+def label_parquet(
+    teacher: Teacher,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    batch_rows: int = 65536,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+) -> Path:
+    """Write Y = teacher(X) for the Parquet query file ``src`` to ``dst``, one batch at a time.
+
+    For query sets larger than memory: X is read with ``ParquetFile.iter_batches`` and each
+    batch's answers are appended to ``dst`` as they come (columns y0, y1, …, one row per row of
+    ``src``, in order), so memory holds one batch of X and Y (plus the Parquet reader's buffer
+    of the pages it decodes), never the file. Checks and retries are those of ``query``; the
+    file appears (renamed from a temporary name) only when every row is labelled and finite.
+    Recovery itself still needs X and Y in memory: Levenberg–Marquardt and the exact
+    fine-tunes use every query at once, so ``recover`` takes arrays, not files.
+
+    Example:
+        >>> import tempfile, ecdist
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = ecdist.queries.save(ecdist.queries.gaussian(10, 3, seed=0), d / "X.parquet")
+        >>> t = random_mlp([3, 2, 1], "tanh", seed=0)
+        >>> label_parquet(t, d / "X.parquet", d / "Y.parquet", batch_rows=4).name
+        'Y.parquet'
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(dst, (str, os.PathLike)):
+        raise QueryError(f"the labels go to a path, got {type(dst).__name__}")
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    answers, writer, n = _Answers(), None, 0
+    try:
+        for start, xb in iter_parquet(src, batch_rows):
+            if writer is None:
+                _check_teacher(teacher, xb.shape[1])
+            yb = answers.check(_ask(teacher, xb, start, timeout, retries, backoff), start, len(xb))
+            table = pa.table({f"y{j}": yb[:, j] for j in range(yb.shape[1])})
+            if writer is None:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            n += len(xb)
+        answers.finish(n)
+        writer.close()
+        os.replace(tmp, dst)
+    except OSError as exc:
+        raise QueryError(f"the labels could not be written to {dst}: {exc}") from None
+    finally:
+        if writer is not None and writer.is_open:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+class _TimedOut(Exception):
+    """A teacher call did not return within the timeout."""
+
+
+def _check_teacher(teacher: Teacher, d_in: int) -> None:
+    if not callable(teacher):
+        raise TeacherError(f"the teacher must be a torch module or a callable, got {type(teacher).__name__}")
+    if isinstance(teacher, MLP) and teacher.widths[0] != d_in:
+        raise TeacherError(
+            f"the teacher takes {teacher.widths[0]} inputs but the queries have {d_in}; "
+            "give queries with one column per teacher input"
+        )
+
+
+def _ask(
+    teacher: Teacher, xb: np.ndarray, start: int, timeout: float | None, retries: int, backoff: float
+) -> Any:
+    """The teacher's raw answer to one batch, with retries; TeacherError naming the batch if none came."""
+    rows = f"queries {start}..{start + len(xb) - 1}"
+    if isinstance(teacher, nn.Module):
+        timeout, retries = None, 0
+    cause = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            wait = backoff * 2 ** (attempt - 1)
+            log.warning("teacher call on %s failed (%s); retry %d of %d in %.3g s", rows, cause, attempt, retries, wait)
+            time.sleep(wait)
         try:
-            yb = _call(teacher, xb)
+            return _call(teacher, xb) if timeout is None else _call_within(teacher, xb, timeout)
         except TeacherError:
             raise
+        except _TimedOut:
+            cause = f"did not answer {rows} within {timeout:g} s"
         except Exception as exc:
-            raise TeacherError(
-                f"the teacher raised {type(exc).__name__} on queries {s}..{s + len(xb) - 1}: {exc}"
-            ) from exc
-        yb = np.asarray(yb, dtype=np.float64)
-        if yb.ndim == 1:
-            yb = yb[:, None]
-        if yb.ndim != 2 or yb.shape[0] != len(xb):
-            raise TeacherError(
-                f"the teacher answered {len(xb)} queries with an array of shape {yb.shape}; "
-                f"expected ({len(xb)},) or ({len(xb)}, d_out)"
-            )
-        parts.append(yb)
-    Y = np.concatenate(parts) if parts else np.zeros((0, 1))
-    bad = ~np.isfinite(Y).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise TeacherError(
-            f"the teacher returned NaN or infinite outputs for {rows.size} of {n} queries "
-            f"(first rows: {rows[:10].tolist()}); check the teacher and the query range"
-        )
-    return Y
+            cause = f"raised {type(exc).__name__} on {rows}: {exc}"
+    tried = f" (tried {retries + 1} times, backing off from {backoff:g} s)" if retries else ""
+    raise TeacherError(f"the teacher {cause}{tried}; check the teacher, or raise teacher_timeout / teacher_retries")
+
+
+def _call_within(teacher: Teacher, xb: np.ndarray, timeout: float) -> Any:
+    """``_call`` in a daemon thread, waited for at most ``timeout`` seconds (then abandoned, not killed)."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["out"] = _call(teacher, xb)
+        except BaseException as exc:  # handed to the caller's thread, which decides
+            box["exc"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="ecdist-teacher-call", daemon=True).start()
+    if not done.wait(timeout):
+        raise _TimedOut
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
 
 
 def _call(teacher: Teacher, xb: np.ndarray) -> Any:
@@ -202,11 +347,49 @@ def _call(teacher: Teacher, xb: np.ndarray) -> Any:
         with torch.no_grad():
             out = teacher(torch.as_tensor(xb, dtype=dtype, device=device))
         return out.detach().cpu().double().numpy()
-    if callable(teacher):
-        out = teacher(xb)
-        return out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else out
-    raise TeacherError(f"the teacher must be a torch module or a callable, got {type(teacher).__name__}")
+    out = teacher(xb)
+    return out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else out
 
+
+class _Answers:
+    """Checks each batch of a teacher's answers as it comes: numeric, one row per query, the same
+    number of outputs throughout; rows with non-finite outputs are counted for one final report."""
+
+    def __init__(self) -> None:
+        self.d_out: int | None = None
+        self.n_bad = 0
+        self.first_bad: list[int] = []
+
+    def check(self, raw: Any, start: int, rows: int) -> np.ndarray:
+        """(rows, d_out) float64 from a raw answer to queries start..start+rows−1."""
+        where = f"queries {start}..{start + rows - 1}"
+        yb = as_float_array(raw, f"the teacher's answer to {where}", TeacherError)
+        if yb.ndim == 1:
+            yb = yb[:, None]
+        if yb.ndim != 2 or yb.shape[0] != rows:
+            raise TeacherError(
+                f"the teacher answered {rows} queries with an array of shape {yb.shape}; "
+                f"expected ({rows},) or ({rows}, d_out)"
+            )
+        if yb.shape[1] == 0:
+            raise TeacherError(f"the teacher answered {where} with no outputs (shape {yb.shape})")
+        if self.d_out is not None and yb.shape[1] != self.d_out:
+            raise TeacherError(
+                f"the teacher answered {where} with {yb.shape[1]} outputs per query, earlier queries with {self.d_out}"
+            )
+        self.d_out = yb.shape[1]
+        bad = bad_rows(yb)
+        self.n_bad += bad.size
+        self.first_bad += (bad[: 10 - len(self.first_bad)] + start).tolist()
+        return yb
+
+    def finish(self, n: int) -> None:
+        if self.n_bad:
+            raise TeacherError(
+                f"the teacher returned NaN or infinite outputs for {self.n_bad} of {n} queries "
+                f"(first rows: {self.first_bad}; |y| > {MAX_ABS:g} counts as infinite); "
+                "check the teacher and the query range"
+            )
 
 
 class TrainedTeacher(MLP):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
@@ -174,8 +175,9 @@ BAD_TEACHERS = {
     "NaN": (lambda X: np.where(np.arange(len(X)) == 4, np.nan, X[:, 0]), r"NaN.*\[4\]"),
     "inf": (lambda X: np.where(np.arange(len(X)) >= 498, np.inf, X[:, 0]), r"infinite.*\[498, 499\]"),
     "constant": (lambda X: np.ones(len(X)), "constant"),
+    "constant 1e-16": (lambda X: np.full(len(X), 1e-16), "constant"),  # its np.std is 1e-32, not 0
     "raises": (lambda X: 1 / 0, "ZeroDivisionError"),
-    "wrong d_in module": (ecdist.teachers.random_mlp([3, 2, 1], "tanh"), "RuntimeError"),
+    "wrong d_in module": (ecdist.teachers.random_mlp([3, 2, 1], "tanh"), "takes 3 inputs but the queries have 10"),
 }
 
 
@@ -184,7 +186,8 @@ def test_bad_teacher_fails_before_training(case, tmp_path):
     bad, match = BAD_TEACHERS[case]
     events = []
     with pytest.raises(ecdist.TeacherError, match=match):
-        ecdist.recover(bad, queries(), config(), out=tmp_path / "run", progress=lambda e, i: events.append(e))
+        ecdist.recover(bad, queries(), config(teacher_backoff=0.0), out=tmp_path / "run",
+                       progress=lambda e, i: events.append(e))
     assert events == []  # not even the query report: nothing ran
     assert not (tmp_path / "run").exists()
 
@@ -197,6 +200,67 @@ def test_bad_queries_fail_before_the_teacher_is_called(X):
     with pytest.raises(ecdist.QueryError):
         ecdist.recover(lambda x: calls.append(1) or x[:, 0], X, config())
     assert calls == []
+
+
+def _no_call(calls):
+    return lambda x: calls.append(1) or x[:, 0]
+
+
+@pytest.mark.parametrize(
+    "teacher_widths,student_widths,match",
+    [([D_IN, 6, 1], [4], r"narrower than the teacher's hidden widths \[6\].*\[24\]"),
+     ([D_IN, 3, 2, 1], [8], r"1 hidden layer\(s\), but the teacher has 2"),
+     ([D_IN, 2, 1], [8, 8], r"2 hidden layer\(s\), but the teacher has 1")],
+    ids=["narrower", "shallower", "deeper"],
+)
+def test_students_that_cannot_hold_a_known_teacher_are_refused(teacher_widths, student_widths, match):
+    t = ecdist.teachers.random_mlp(teacher_widths, "tanh", seed=0)
+    forward = []
+    t.register_forward_hook(lambda *a: forward.append(1))
+    with pytest.raises(ecdist.ConfigError, match=match):
+        ecdist.recover(t, queries(), config(student_widths=student_widths))
+    assert forward == []  # refused before the teacher was asked
+
+
+def test_students_too_large_for_this_machine_are_refused():
+    calls = []
+    with pytest.raises(ecdist.ConfigError, match=r"^student_widths:.*GiB"):
+        ecdist.recover(_no_call(calls), queries(), config(student_widths=[10**9], n_students=10**4))
+    assert calls == []
+
+
+@pytest.mark.parametrize("where", ["under a file", "is a file"])
+def test_an_output_folder_that_cannot_be_written_fails_before_the_teacher_is_asked(tmp_path, where):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run" if where == "under a file" else tmp_path / "file"
+    calls = []
+    with pytest.raises(ecdist.RunFolderError, match="is a file, not a folder"):
+        ecdist.recover(_no_call(calls), queries(), config(), out=out)
+    assert calls == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_fails_before_the_teacher_is_asked(tmp_path):
+    tmp_path.chmod(0o500)
+    calls = []
+    try:
+        with pytest.raises(ecdist.RunFolderError, match="cannot be written"):
+            ecdist.recover(_no_call(calls), queries(), config(), out=tmp_path / "run")
+    finally:
+        tmp_path.chmod(0o700)
+    assert calls == []
+
+
+def test_recover_retries_the_teacher_as_configured():
+    calls = []
+
+    def offline(x):
+        calls.append(1)
+        raise ConnectionError("oracle offline")
+
+    with pytest.raises(ecdist.TeacherError, match=r"ConnectionError on queries 0\.\.99: oracle offline \(tried 3"):
+        ecdist.recover(offline, queries(), config(teacher_batch=100, teacher_retries=2, teacher_backoff=0.0))
+    assert len(calls) == 3
 
 
 def test_recover_needs_a_config():

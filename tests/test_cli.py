@@ -202,7 +202,7 @@ ERRORS = {  # case: (arguments, fragments the error line must contain)
     "missing teacher file": (["--teacher", "{dir}/absent.pt", "--arch", "10-2-1", "--activation", "tanh"],
                              ["absent.pt", "does not exist"]),
     "teacher without arch": (["--teacher", "{dir}/teacher.pt", "--activation", "tanh"], ["--arch"]),
-    "black box raises": (["--teacher", "ec_oracle:broken", "--d-in", "10", "--activation", "tanh"],
+    "black box raises": (["--teacher", "ec_oracle:broken", "--d-in", "10", "--activation", "tanh", "--teacher-retries", "0"],
                          ["RuntimeError", "oracle is down", "0..499"]),
 }
 IN_SUBPROCESS = {"unknown activation", "black box raises"}  # before and after the progress display starts

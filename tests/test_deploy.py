@@ -421,3 +421,124 @@ def test_ray_cli_flags_exist():
                 assert flags <= options[name], f"`ray {name}` has no {sorted(flags - options[name])}"
                 seen.add(name)
     assert seen == set(options)
+
+
+# ------------------------------------------------------------------ exposure: a checker, and proof it bites
+def _kuberay_exposures(docs: list[dict]) -> list[str]:
+    """What in these KubeRay/Kubernetes documents would put Ray's dashboard and job server (which
+    run code for whoever reaches them) on a network outside the cluster, or drop token auth.
+
+    Inside a pod the dashboard binds 0.0.0.0 (the pod's own IP: the Service and the operator
+    need it), which is safe only while nothing routes outside traffic to the pod: the head
+    Service ClusterIP, no Ingress/Route/LoadBalancer/NodePort, no host network or host port.
+    """
+    found = []
+    for doc in docs:
+        kind = doc.get("kind")
+        if kind in ("Ingress", "Route", "HTTPRoute", "Gateway"):
+            found.append(f"a {kind} routes outside traffic into the cluster")
+        if kind == "Service" and doc.get("spec", {}).get("type", "ClusterIP") != "ClusterIP":
+            found.append(f"Service {doc['metadata']['name']} is {doc['spec']['type']}")
+        spec = doc.get("spec", {})
+        spec = spec.get("rayClusterSpec", spec) if kind == "RayJob" else spec
+        if kind not in ("RayCluster", "RayJob"):
+            continue
+        auth = spec.get("authOptions") or {}
+        if auth.get("mode") != "token" or not auth.get("secretName"):
+            found.append(f"{kind}: token authentication is off ({auth})")
+        head = spec["headGroupSpec"]
+        if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):
+            found.append(f"{kind}: the head Service is {head.get('serviceType')}, ingress {head.get('enableIngress')}")
+        service = head.get("headService", {}).get("spec", {})
+        if service.get("type", "ClusterIP") != "ClusterIP" or service.get("externalIPs"):
+            found.append(f"{kind}: headService {service}")
+        templates = [g["template"] for _, g in _groups(spec)]
+        if kind == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+            templates.append(doc["spec"]["submitterPodTemplate"])
+        for template in templates:
+            pod = template["spec"]
+            if pod.get("hostNetwork"):
+                found.append(f"{kind}: a pod shares the node's network (hostNetwork)")
+            for container in pod.get("containers", []):
+                if any("hostPort" in p for p in container.get("ports", [])):
+                    found.append(f"{kind}: container {container['name']} publishes a hostPort")
+                for env in container.get("env", []):
+                    if env.get("name") == "RAY_AUTH_MODE" and env.get("value") != "token":
+                        found.append(f"{kind}: container {container['name']} sets RAY_AUTH_MODE={env.get('value')}")
+    return found
+
+
+def _shell_exposures(text: str) -> list[str]:
+    """The same for `ray start` lines of the cluster launcher and Slurm: dashboard on 127.0.0.1, token on."""
+    text = re.sub(r"\\\n", " ", text)
+    found = []
+    for call in re.findall(r"\bray start --head\b[^;&|\n]*", text):
+        host = re.search(r"--dashboard-host[= ](\S+)", call)
+        if host is None or host.group(1).strip("'\"") != "127.0.0.1":
+            found.append(f"head dashboard binds {host.group(1) if host else 'the default (0.0.0.0 in a container)'}")
+    if "RAY_AUTH_MODE=token" not in text or re.search(r"RAY_AUTH_MODE=(?!token)", text):
+        found.append("token authentication is not on for every `ray start`")
+    return found
+
+
+def _launcher_text(name: str) -> str:
+    config = _yaml(LAUNCHER / name)[0]
+    return "\n".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+
+
+def test_nothing_in_deploy_exposes_the_dashboard_or_drops_token_auth():
+    docs = [doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in _yaml(path)]
+    assert _kuberay_exposures(docs) == []
+    for name in LAUNCHER_FILES:
+        assert _shell_exposures(_launcher_text(name)) == [], name
+    assert _shell_exposures(SBATCH.read_text()) == []
+    readme = (DEPLOY / "README.md").read_text()
+    assert "kubectl port-forward" in readme and "ssh -N -L 8265:127.0.0.1:8265" in readme and "ray dashboard" in readme
+
+
+def _set(path: str, value):
+    """A mutation that sets ``path`` (dots; ``[i]`` for list items) in the RayCluster document."""
+    def apply(doc: dict) -> None:
+        keys = [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", path)]
+        for k in keys[:-1]:
+            doc = doc[k]
+        doc[keys[-1]] = value
+    return apply
+
+
+KUBERAY_MUTATIONS = {
+    "LoadBalancer head": _set("spec.headGroupSpec.serviceType", "LoadBalancer"),
+    "NodePort head": _set("spec.headGroupSpec.serviceType", "NodePort"),
+    "ingress": _set("spec.headGroupSpec.enableIngress", True),
+    "headService LoadBalancer": _set("spec.headGroupSpec.headService", {"spec": {"type": "LoadBalancer"}}),
+    "auth disabled": _set("spec.authOptions.mode", "disabled"),
+    "auth removed": _set("spec.authOptions", None),
+    "hostNetwork": _set("spec.headGroupSpec.template.spec.hostNetwork", True),
+    "hostPort": _set("spec.headGroupSpec.template.spec.containers[0].ports[1].hostPort", 8265),
+    "env disables auth": _set("spec.workerGroupSpecs[0].template.spec.containers[0].env",
+                              [{"name": "RAY_AUTH_MODE", "value": "disabled"}]),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(KUBERAY_MUTATIONS))
+def test_the_kuberay_checker_catches_each_exposure(mutation):
+    docs = [copy.deepcopy(doc) for doc in _yaml(KUBERAY / "raycluster.yaml")]
+    KUBERAY_MUTATIONS[mutation](docs[0])
+    assert _kuberay_exposures(docs), mutation
+
+
+def test_the_kuberay_checker_catches_an_added_public_service():
+    docs = _yaml(KUBERAY / "raycluster.yaml") + [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dash"}, "spec": {"type": "LoadBalancer"}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "dash"}, "spec": {}},
+    ]
+    assert len(_kuberay_exposures(docs)) == 2
+
+
+@pytest.mark.parametrize("old,new", [("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
+                                     ("--dashboard-host=127.0.0.1", ""),
+                                     ("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")])
+def test_the_shell_checker_catches_each_exposure(old, new):
+    for text in [_launcher_text(name) for name in LAUNCHER_FILES] + [SBATCH.read_text()]:
+        assert old in text
+        assert _shell_exposures(text.replace(old, new)), (old, new)

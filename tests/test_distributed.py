@@ -215,6 +215,12 @@ def test_packs_land_on_different_nodes(ray_cluster, reference):
     assert_same_recovery(result, reference)
 
 
+def test_a_share_no_single_node_has_fails_fast(ray_cluster):
+    """Two CPUs in all but one per node: a 2-CPU pack actor would be pending for ever."""
+    with pytest.raises(ConfigError, match=r"cpus_per_pack: 2 CPUs per pack, but the largest node .* has 1"):
+        ecdist.recover(teacher(), queries(), config(cpus_per_pack=2))
+
+
 def test_a_node_lost_mid_training_still_finishes(ray_cluster, reference, tmp_path, fast_polls):
     """A third node joins; the node that trains pack 0 is removed while it trains: Ray restarts
     the actor elsewhere and it resumes from the checkpoint in the (shared) run folder."""

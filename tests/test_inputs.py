@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import pickle
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -322,6 +323,118 @@ def test_query_teacher_that_raises_names_the_query_range():
         ecdist.teachers.query(f, X, batch_size=10)
 
 
+# ----- teachers: retries and timeouts ------------------------------------------------------------------
+def test_query_retries_a_call_that_hangs_then_answers():
+    """The first call blocks on an Event (no sleep, no race on a busy machine): after the 0.5 s
+    timeout it is abandoned, the retry answers, and the abandoned call's late answer is ignored."""
+    X = ecdist.queries.gaussian(25, 3, seed=0)
+    release = threading.Event()
+    calls = []
+
+    def hangs_once(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            release.wait()
+            return np.full(len(x), np.nan)  # the late answer: would fail the finite check if it were used
+        return x.sum(axis=1)
+
+    try:
+        Y = ecdist.teachers.query(hangs_once, X, batch_size=10, timeout=0.5, retries=2, backoff=0.0)
+    finally:
+        release.set()
+    assert calls == [10, 10, 10, 5]  # batch 0 twice (hung, retried), then batches 1 and 2 once
+    np.testing.assert_array_equal(Y[:, 0], X.sum(axis=1))
+
+
+def test_query_teacher_that_keeps_hanging_names_the_batch():
+    X = ecdist.queries.gaussian(25, 3, seed=0)
+    release = threading.Event()
+
+    def hangs_on_second_batch(x):
+        if x[0, 0] == X[10, 0]:
+            release.wait()
+        return x[:, 0]
+
+    try:
+        with pytest.raises(TeacherError, match=r"did not answer queries 10\.\.19 within 0\.2 s \(tried 2 times"):
+            ecdist.teachers.query(hangs_on_second_batch, X, batch_size=10, timeout=0.2, retries=1, backoff=0.0)
+    finally:
+        release.set()
+
+
+def test_query_retries_with_exponential_backoff_then_names_the_batch_and_cause(monkeypatch):
+    X = ecdist.queries.gaussian(25, 3, seed=0)
+    waits, calls = [], []
+    monkeypatch.setattr(ecdist.teachers.time, "sleep", waits.append)
+
+    def offline_on_second_batch(x):
+        calls.append(len(x))
+        if len(calls) >= 2:
+            raise ConnectionError("oracle offline")
+        return x[:, 0]
+
+    with pytest.raises(TeacherError, match=r"ConnectionError on queries 10\.\.19: oracle offline \(tried 4 times"):
+        ecdist.teachers.query(offline_on_second_batch, X, batch_size=10, retries=3, backoff=0.5)
+    assert waits == [0.5, 1.0, 2.0] and calls == [10] + [10] * 4
+
+
+def test_query_a_flaky_teacher_succeeds_on_retry(monkeypatch):
+    monkeypatch.setattr(ecdist.teachers.time, "sleep", lambda s: None)
+    X = ecdist.queries.gaussian(12, 3, seed=0)
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) % 2:
+            raise TimeoutError("busy")
+        return 2 * x[:, 0]
+
+    Y = ecdist.teachers.query(flaky, X, batch_size=6, retries=1)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(Y[:, 0], 2 * X[:, 0])
+
+
+def test_query_does_not_retry_a_torch_module():
+    """A module's arithmetic is local and deterministic: a failure is not worth a retry."""
+    calls = []
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(TeacherError, match="RuntimeError on queries 0..4: shape mismatch"):
+        ecdist.teachers.query(Broken(), np.ones((5, 2)), retries=3, backoff=0.0, timeout=1.0)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "answer,match",
+    [
+        (lambda x: np.array(["a"] * len(x)), "numeric"),
+        (lambda x: x[:, 0] + 1j, "numeric"),
+        (lambda x: [{"y": 1}] * len(x), "numeric"),
+        (lambda x: np.zeros((len(x), 0)), "no outputs"),
+        (lambda x: np.full(len(x), 1e200), "infinite"),
+    ],
+    ids=["text", "complex", "objects", "no columns", "huge"],
+)
+def test_query_refuses_answers_that_are_not_finite_numbers(answer, match):
+    with pytest.raises(TeacherError, match=match):
+        ecdist.teachers.query(answer, ecdist.queries.gaussian(10, 3, seed=0))
+
+
+def test_query_output_width_must_not_change_between_batches():
+    widths = iter([1, 2])
+    with pytest.raises(TeacherError, match=r"queries 5\.\.9 with 2 outputs per query, earlier queries with 1"):
+        ecdist.teachers.query(lambda x: np.zeros((len(x), next(widths))), np.ones((10, 2)), batch_size=5)
+
+
+def test_query_checks_the_input_width_of_a_known_teacher():
+    with pytest.raises(TeacherError, match="takes 3 inputs but the queries have 4"):
+        ecdist.teachers.query(ecdist.teachers.random_mlp([3, 2, 1]), np.ones((5, 4)))
+
+
 def test_query_rejects_a_non_callable():
     with pytest.raises(TeacherError, match="callable"):
         ecdist.teachers.query("not a teacher", np.zeros((3, 2)))
@@ -375,6 +488,17 @@ def test_load_npy_refuses_pickled_objects(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     with pytest.raises(QueryError, match="could not be read"):
         ecdist.queries.load(tmp_path / "obj.npy")
+
+
+def test_malicious_npy_queries_are_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    np.save(tmp_path / "X.npy", np.array([_Payload(str(marker)), 1.0], dtype=object), allow_pickle=True)
+    np.load(tmp_path / "X.npy", allow_pickle=True)[0].close()  # the payload is live: loading it runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(QueryError, match="could not be read"):
+        ecdist.queries.load(tmp_path / "X.npy")
+    assert not marker.exists()
 
 
 def test_load_parquet_one_column_per_input(tmp_path):
@@ -456,6 +580,16 @@ def test_standardizer():
     np.testing.assert_array_equal(Z[:, 1], 0.0)  # constant columns are centred, not divided by zero
 
 
+def test_standardizer_finds_constant_columns_exactly():
+    """np.std of 1,797 copies of 0.3 is 5.6e-17, not 0: as a scale it would turn the column into ±1
+    and make the recovered weights on it 1e16 times too large (found by tests/test_fuzz.py)."""
+    X = np.column_stack([np.linspace(0, 1, 1797), np.full(1797, 0.3)])
+    assert X[:, 1].std() > 0
+    s = ecdist.queries.Standardizer.fit(X)
+    assert s.scale[1] == 1.0 and s.mean[1] == 0.3
+    np.testing.assert_array_equal(s(X)[:, 1], 0.0)
+
+
 # ----- Config ---------------------------------------------------------------------------------------------
 def test_config_defaults():
     c = Config(activation="tanh", student_widths=[32])
@@ -490,6 +624,8 @@ BAD_VALUES = [
     ("patience", -1), ("cooldown", -1), ("min_lr", 0.0), ("finish_lm", 1), ("finish_lm", "yes"),
     ("finetune_iter", -1), ("prune", None), ("fallback", "no"), ("pack_size", -1), ("threads", -2),
     ("cpus_per_pack", 0), ("gpus_per_pack", -0.5), ("actor_restarts", 1.5),
+    ("seed", 2**32), ("threads", 10**6), ("teacher_batch", 0), ("teacher_timeout", 0), ("teacher_timeout", "1s"),
+    ("teacher_retries", -1), ("teacher_backoff", -1.0), ("teacher_backoff", float("nan")),
 ]
 
 
@@ -510,7 +646,8 @@ def test_every_field_has_a_checked_bad_value():
     "field,value",
     [("gamma", 1), ("beta", math.pi / 2), ("beta", 1e-9), ("drop", 0.0), ("student_tol", 0.0), ("min_separation", 1),
      ("lm_max_iter", 0), ("pack_size", 0), ("threads", 0), ("dtype", "float32"), ("cluster_rule", "reference"),
-     ("backend", "ray"), ("gpus_per_pack", 0.25), ("actor_restarts", 0)],
+     ("backend", "ray"), ("gpus_per_pack", 0.25), ("actor_restarts", 0), ("seed", 2**32 - 1),
+     ("teacher_timeout", None), ("teacher_timeout", 0.5), ("teacher_retries", 0), ("teacher_backoff", 0.0)],
 )
 def test_config_accepts_boundary_values(field, value):
     c = Config(**{"activation": "tanh", "student_widths": [8], field: value})
@@ -593,7 +730,8 @@ def test_config_fingerprint():
                a.replace(student_widths=[9]).fingerprint(), a.replace(activation="relu").fingerprint()}
     assert a.fingerprint() not in changed and len(changed) == 4
     # where a run executes is not part of its identity: a run can be resumed elsewhere
-    elsewhere = a.replace(backend="ray", threads=1, pack_size=3, cpus_per_pack=2, gpus_per_pack=0.5, actor_restarts=0)
+    elsewhere = a.replace(backend="ray", threads=1, pack_size=3, cpus_per_pack=2, gpus_per_pack=0.5, actor_restarts=0,
+                          teacher_batch=7, teacher_timeout=30.0, teacher_retries=5, teacher_backoff=0.1)
     assert elsewhere.fingerprint() == a.fingerprint()
     assert a.replace(device="cpu").fingerprint() != a.fingerprint()  # a device changes the arithmetic
 
@@ -603,3 +741,18 @@ def test_config_replace_validates():
     assert c.replace(n_students=10).n_students == 10 and c.n_students == 20
     with pytest.raises(ConfigError, match="^n_students:"):
         c.replace(n_students=0)
+    with pytest.raises(ConfigError, match="unknown config field.*n_studnets"):
+        c.replace(n_studnets=10)
+
+
+def test_config_numpy_scalars_become_plain_numbers():
+    """Values read from numpy (np.int64 widths, np.float32 γ) pass the checks; JSON must hold them too."""
+    c = Config(activation="tanh", student_widths=[np.int64(8)], n_students=np.int32(10), gamma=np.float32(0.5))
+    assert type(c.student_widths[0]) is int and type(c.n_students) is int and type(c.gamma) is float
+    assert Config.from_json(c.to_json()) == c and c.fingerprint() == Config(activation="tanh", student_widths=[8],
+                                                                             n_students=10).fingerprint()
+
+
+def test_config_from_json_needs_text():
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Config.from_json(3)

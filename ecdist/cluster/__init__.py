@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from ..queries import MAX_ABS
 from . import rules, scipy_backend
 from .faiss_backend import NeuronIndex
 
@@ -103,9 +104,12 @@ def cluster_layer(
     FAISS on a GPU it can use, else torch on a CUDA GPU, else FAISS on the CPU; "faiss";
     "torch"; see ``NeuronIndex``).
     """
-    vectors = np.asarray(vectors)
-    student_ids = np.asarray(student_ids)
+    vectors, student_ids = numeric("vectors", vectors), numeric("student_ids", student_ids, "iu")
     _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop)
+    if n_students is not None and not (_real(n_students) and float(n_students).is_integer() and n_students >= 1):
+        raise ConfigError(f"n_students: expected an int >= 1 (or None: the distinct student_ids), got {n_students!r}")
+    if not (_real(min_separation) and min_separation >= 1):
+        raise ConfigError(f"min_separation: expected a number >= 1, got {min_separation!r}")
     dropped = np.zeros(len(vectors), dtype=bool)
     if weights is not None and len(vectors):
         w = np.asarray(weights, dtype=np.float64)
@@ -167,18 +171,39 @@ def cluster_neurons(
     return cluster_layer(vectors, student_ids, gamma, beta, backend=backend, **kwargs).labels
 
 
+def numeric(name: str, a, kinds: str = "biuf") -> np.ndarray:
+    """``a`` as an array whose dtype kind is in ``kinds`` (dtype kept: FAISS may hold float32), else ConfigError."""
+    try:
+        arr = np.asarray(a)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise ConfigError(f"{name}: expected a numeric array: {exc}") from None
+    if arr.dtype.kind not in kinds:
+        what = "integer student ids" if kinds == "iu" else "numbers"
+        raise ConfigError(f"{name}: expected {what}, got an array of {arr.dtype}")
+    return arr
+
+
+def finite(vectors: np.ndarray) -> bool:
+    """No NaN, no infinity, no |value| above ``MAX_ABS`` (cosines of such vectors overflow)."""
+    with np.errstate(invalid="ignore"):
+        return bool((np.abs(vectors) <= MAX_ABS).all())
+
+
 def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -> None:
     _validate_params(gamma, beta, backend, rule, drop)
-    if vectors.ndim != 2:
-        raise ConfigError(f"vectors: expected a 2-D array (M, D), got shape {vectors.shape}")
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise ConfigError(f"vectors: expected a 2-D array (M, D) with D >= 1, got shape {vectors.shape}")
     if student_ids.shape != (vectors.shape[0],):
         raise ConfigError(
             f"student_ids: expected shape ({vectors.shape[0]},) to match vectors, got {student_ids.shape}"
         )
-    if not np.isfinite(vectors).all():
-        raise ConfigError("vectors: contain NaN or infinite values; the students diverged or the input is corrupt")
+    if not finite(vectors):
+        raise ConfigError(
+            f"vectors: contain NaN, infinite or huge (|v| > {MAX_ABS:g}) values; the students diverged or the "
+            "input is corrupt"
+        )
     if weights is not None:
-        w = np.asarray(weights)
+        w = numeric("weights", weights)
         if w.shape != (vectors.shape[0],) or not np.isfinite(w).all() or (w < 0).any():
             raise ConfigError("weights: expected one finite, non-negative output contribution per row")
 

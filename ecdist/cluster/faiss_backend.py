@@ -190,16 +190,19 @@ class NeuronIndex:
 
     def add(self, vectors: np.ndarray, student_ids: np.ndarray, weights: np.ndarray | None = None) -> NeuronIndex:
         """Add one pack of rows: vectors (n, dim), student_ids (n,), weights (n,) output contributions."""
-        vectors = np.asarray(vectors)
-        student_ids = np.asarray(student_ids)
+        from . import finite, numeric
+
+        vectors, student_ids = numeric("vectors", vectors), numeric("student_ids", student_ids, "iu")
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ConfigError(f"vectors: expected shape (n, {self.dim}), got {vectors.shape}")
         if student_ids.shape != (len(vectors),):
             raise ConfigError(f"student_ids: expected shape ({len(vectors)},) to match vectors, got {student_ids.shape}")
-        if not np.isfinite(vectors).all():
-            raise ConfigError("vectors: contain NaN or infinite values; the students diverged or the input is corrupt")
+        if not finite(vectors):
+            raise ConfigError(
+                "vectors: contain NaN, infinite or huge values; the students diverged or the input is corrupt"
+            )
         if weights is not None:
-            weights = np.asarray(weights, dtype=np.float64)
+            weights = numeric("weights", weights).astype(np.float64)
             if weights.shape != (len(vectors),) or not np.isfinite(weights).all() or (weights < 0).any():
                 raise ConfigError("weights: expected one finite, non-negative output contribution per row")
         if self._packs and (weights is None) != (self._packs[0][2] is None):
