@@ -13,6 +13,9 @@ Reported per teacher: recovered width, overhead (recovered − r)/r, worst and m
 over teacher neurons (nearest recovered neuron, symmetry-aware), and the functional relative
 MSE on the held-out test images.
 
+Part (c), deep teachers (``--deep digits:16-16 mnist1d:12-12-12``), reports the recovered width,
+overhead and worst 1 − |cos| of every layer.
+
 Part (d), plain vs augmented queries, uses a teacher with more parameters than images
 (digits 64-32-10: 2,410 parameters on 1,438 training images).
 
@@ -43,31 +46,40 @@ def query_set(t: teachers.TrainedTeacher, kind: str, seed: int) -> np.ndarray:
     return np.vstack([X, queries.signed_noise(X, seed=seed), grid])
 
 
-def run_one(dataset: str, r: int, act: str, kind: str, device: str, threads: int) -> dict:
+def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int) -> dict:
+    """One teacher [d_in, *hidden, 10]: train it, recover it, compare layer by layer."""
+    hidden = [hidden] if isinstance(hidden, int) else list(hidden)
     t0 = time.perf_counter()
-    t = teachers.train_on(dataset, [64 if dataset == "digits" else 40, r, 10], act, seed=0)
+    d_in = 64 if dataset == "digits" else 40
+    t = teachers.train_on(dataset, [d_in, *hidden, 10], act, seed=0)
     mask = queries.input_mask(t.X_train)
     tm = teachers.masked(t, mask, fill=t.X_train[0])
     Q = query_set(t, kind, seed=1)[:, mask]
-    width = RHO * r
-    P = width * (int(mask.sum()) + 1) + 10 * (width + 1)
-    cfg = ecdist.Config(activation=act, student_widths=[width], n_students=N_STUDENTS, seed=0, backend="local",
+    widths = [RHO * r for r in hidden]
+    sizes = [int(mask.sum()), *widths, 10]
+    P = sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:]))
+    cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0, backend="local",
                         device=device, threads=threads, lm_max_params=max(2500, P))
     res = ecdist.recover(tm, Q, cfg)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
-    dist = np.asarray(rep.weight_distance[0]) if rep.weight_distance else np.array([np.nan])
+    dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
     row = {
-        "dataset": dataset, "activation": act, "r": r, "queries": kind, "n_queries": len(Q),
-        "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
-        "student_width": width, "params_per_student": P,
-        "recovered": res.layer_sizes[0], "overhead": (res.layer_sizes[0] - r) / r,
-        "worst_1_minus_cos": float(dist.max()), "median_1_minus_cos": float(np.median(dist)),
+        "dataset": dataset, "activation": act, "r": hidden[0] if len(hidden) == 1 else hidden, "queries": kind,
+        "n_queries": len(Q), "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
+        "student_width": widths[0] if len(widths) == 1 else widths, "params_per_student": P,
+        "recovered": res.layer_sizes[0] if len(hidden) == 1 else res.layer_sizes,
+        "overhead": (res.layer_sizes[0] - hidden[0]) / hidden[0] if len(hidden) == 1
+        else [(k - r) / r for k, r in zip(res.layer_sizes, hidden)],
+        "worst_1_minus_cos": float(max(d.max() for d in dists)),
+        "median_1_minus_cos": float(np.median(np.concatenate(dists))),
+        "worst_1_minus_cos_per_layer": [float(d.max()) for d in dists],
         "functional_rel_mse_test": rep.functional_mse,
         "students_median_rel_mse": float(np.median(np.asarray(res.students.column("rel_loss")))),
-        "rule": res.layers[0].rule, "seconds": time.perf_counter() - t0,
+        "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
     }
-    print(f"{dataset:8s} {act:8s} r={r:2d} {kind:9s}: {row['recovered']:3d} "
-          f"({row['overhead']:+.0%}) worst {row['worst_1_minus_cos']:.1e} fmse {row['functional_rel_mse_test']:.1e} "
+    arch = "-".join(map(str, hidden))
+    print(f"{dataset:8s} {act:8s} r={arch:>8s} {kind:9s}: {row['recovered']} "
+          f"({row['overhead']}) worst {row['worst_1_minus_cos']:.1e} fmse {row['functional_rel_mse_test']:.1e} "
           f"[{row['seconds']:.0f} s]", flush=True)
     return row
 
@@ -82,17 +94,24 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip-plain", action="store_true", help="only the augmented-query grid (no part d)")
+    ap.add_argument("--deep", nargs="+", default=[], metavar="DATASET:W-W[-W]",
+                    help="deep teachers only (part c), e.g. digits:16-16 mnist1d:12-12-12")
     args = ap.parse_args()
     rows = []
     cases = [("digits", 8, "tanh")] if args.quick else [
         (ds, r, a) for ds in args.datasets for r in args.widths for a in args.activations]  # narrow first
     name = "trained_teachers_quick" if args.quick else "trained_teachers"
     path = args.out or _common.RESULTS / f"{name}.json"
+    if args.deep:
+        cases = [(d.split(":")[0], [int(w) for w in d.split(":")[1].split("-")], a)
+                 for d in args.deep for a in args.activations]
+        args.skip_plain = True
     for ds, r, a in cases:
         rows.append(run_one(ds, r, a, "augmented", args.device, args.threads))
         _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows
     if args.skip_plain:
-        _common.write_json(path, {"benchmark": "trained_teachers", "machine": _common.machine_info(), "shallow": rows})
+        _common.write_json(path, {"benchmark": "trained_teachers", "machine": _common.machine_info(),
+                                  "deep" if args.deep else "shallow": rows})
         return 0
     plain = [run_one("digits", 32 if not args.quick else 8, "tanh", "plain", args.device, args.threads)]
     aug = [x for x in rows if x["dataset"] == "digits" and x["activation"] == "tanh" and x["r"] == plain[0]["r"]]

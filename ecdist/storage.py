@@ -133,8 +133,8 @@ class Files:
             )
         for rel, entry in files.items():
             safe_path(self.root, rel)
-            ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])
-            if not ok or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool) or entry["size"] < 0:
+            pending = entry.get("pending", entry) if isinstance(entry, dict) else None
+            if not (_entry_ok(entry) and _entry_ok(pending)):
                 raise RunFolderError(
                     f"{where} has a malformed entry for {rel!r}: the folder's files cannot be verified; start a "
                     "new run in another folder"
@@ -142,12 +142,24 @@ class Files:
         return files
 
     def write(self, rel: str, data: bytes) -> None:
-        """Write one file atomically, then record it in the manifest (replaced atomically)."""
+        """Write one file atomically and record it in the manifest, so that a kill at any moment
+        leaves a file the manifest vouches for.
+
+        The new checksum is recorded first as ``pending`` beside the current one, then the file
+        is renamed into place, then the pending checksum becomes the current one: a process
+        killed in between leaves the old or the new file, and the manifest accepts either (a
+        checkpoint rewritten every few steps is never lost to that window).
+        """
         path = safe_path(self.root, rel)
+        new = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        with self._locked():
+            files = self.entries() or {}
+            files[rel] = (files[rel] | {"pending": new}) if rel in files else new
+            self._write_manifest(files)
         atomic_write(path, data)
         with self._locked():
             files = self.entries() or {}
-            files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            files[rel] = new
             self._write_manifest(files)
 
     def remove(self, rel: str) -> None:
@@ -186,7 +198,8 @@ class Files:
                 "the file is not ecdist's), so it cannot be trusted"
             )
         digest = hashlib.sha256(data).hexdigest()
-        if len(data) != entry["size"] or digest != entry["sha256"]:
+        vouched = [entry, *([entry["pending"]] if "pending" in entry else [])]
+        if not any(len(data) == e["size"] and digest == e["sha256"] for e in vouched):
             raise RunFolderError(
                 f"{path} fails its checksum ({len(data)} bytes, sha256 {digest[:12]}…; {MANIFEST} lists "
                 f"{entry['size']} bytes, sha256 {entry['sha256'][:12]}…): it is truncated or corrupted"
@@ -216,6 +229,14 @@ class Files:
                 yield
             finally:
                 os.close(fd)  # releases the lock
+
+
+def _entry_ok(entry: Any) -> bool:
+    """A manifest entry is {"sha256": 64 hex digits, "size": int >= 0, …}."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+        return False
+    size = entry.get("size")
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 0
 
 
 # ----- encodings (bytes in, bytes out: each file is hashed as it is written) -----------------------

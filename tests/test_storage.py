@@ -402,3 +402,27 @@ def test_recluster_refuses_other_queries_or_teacher(run):
     other = ecdist.teachers.random_mlp([10, 2, 1], "tanh", seed=1)
     with pytest.raises(QueryError, match="not the ones"):
         ecdist.recluster(run[1], other, queries())
+
+
+def test_a_rewrite_killed_halfway_leaves_a_file_the_manifest_accepts(tmp_path):
+    """Files.write records the new checksum as pending before renaming the file into place: a
+    process killed between the two leaves the old file or the new one, and both are accepted;
+    anything else still fails its checksum."""
+    import hashlib
+
+    from ecdist.storage import Files, atomic_write
+
+    files = Files(tmp_path)
+    files.write("checkpoints/pack_0000.npz", b"step 20")
+    entries = files.entries()
+    new = b"step 30"
+    entries["checkpoints/pack_0000.npz"]["pending"] = {"sha256": hashlib.sha256(new).hexdigest(), "size": len(new)}
+    files._write_manifest(entries)  # the manifest as the first half of a rewrite leaves it
+    assert files.read("checkpoints/pack_0000.npz") == b"step 20"  # killed before the rename
+    atomic_write(tmp_path / "checkpoints" / "pack_0000.npz", new)
+    assert files.read("checkpoints/pack_0000.npz") == new  # killed after the rename
+    atomic_write(tmp_path / "checkpoints" / "pack_0000.npz", b"step 3X")
+    with pytest.raises(RunFolderError, match="fails its checksum"):
+        files.read("checkpoints/pack_0000.npz")
+    files.write("checkpoints/pack_0000.npz", b"step 40")  # a completed write leaves no pending entry
+    assert "pending" not in files.entries()["checkpoints/pack_0000.npz"]
