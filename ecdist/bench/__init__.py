@@ -34,13 +34,23 @@ BENCHMARKS = ("students", "actors", "cluster", "recovery", "quality")
 
 @dataclass(frozen=True)
 class Scale:
-    """The sizes of every benchmark at one scale."""
+    """The sizes of every benchmark at one scale; ``students_gpu`` replaces ``students`` with ``device="cuda"``."""
 
     students: StudentSizes
     actors: ActorSizes
     cluster: ClusterSizes
     recovery: RecoverySizes
     quality: QualitySizes
+    students_gpu: StudentSizes | None = None
+
+
+# One GPU needs packs of hundreds of MNIST-shaped students before it saturates (the H200 did near N = 256
+# at width 256), so its cost rows go up to N = 256; about a minute on an H100/H200.
+GPU_STUDENTS = StudentSizes(
+    stack_cases=((1, 16), (5, 16), (20, 16), (50, 16), (200, 16), (20, 64), (20, 256)), stack_queries=2000, epochs=3,
+    cost_cases=tuple((256, 8192, N) for N in (1, 4, 16, 64, 256)) + tuple((1024, 8192, N) for N in (1, 4, 16, 64)),
+    cost_epochs=2, lm_students=512, lm_width=16, lm_iterations=20,
+)
 
 
 SCALES: dict[str, Scale] = {
@@ -64,6 +74,7 @@ SCALES: dict[str, Scale] = {
                       depth_teachers=((10, 4, 1), (10, 4, 4, 1), (10, 4, 4, 4, 1)), rho=2, n_students=10),
         QualitySizes(teachers=(("tanh", (10, 4, 1), 0), ("sigmoid", (6, 3, 1), 301)), rhos=(1, 2, 4),
                      n_students=10, n_sweep=(4, 10, 20), rho=2),
+        GPU_STUDENTS,
     ),
     "medium": Scale(
         StudentSizes(stack_cases=((1, 16), (5, 16), (20, 16), (50, 16), (100, 16), (200, 16), (500, 16),
@@ -79,6 +90,7 @@ SCALES: dict[str, Scale] = {
         QualitySizes(teachers=(("tanh", (10, 4, 1), 0), ("sigmoid", (6, 3, 1), 301), ("gelu", (12, 3, 1), 501),
                                ("relu", (12, 6, 1), 702)),
                      rhos=(1, 2, 3, 4), n_students=10, n_sweep=(4, 10, 20, 40), rho=2),
+        GPU_STUDENTS,
     ),
     "large": Scale(
         StudentSizes(stack_cases=((1, 16), (5, 16), (20, 16), (50, 16), (100, 16), (200, 16), (500, 16),
@@ -95,6 +107,7 @@ SCALES: dict[str, Scale] = {
         QualitySizes(teachers=(("tanh", (10, 4, 1), 0), ("tanh", (8, 16, 1), 204), ("sigmoid", (6, 3, 1), 301),
                                ("gelu", (12, 3, 1), 501), ("silu", (16, 2, 1), 602), ("relu", (12, 6, 1), 702)),
                      rhos=(1, 2, 3, 4), n_students=10, n_sweep=(4, 10, 20, 40), rho=2),
+        GPU_STUDENTS,
     ),
 }
 
@@ -104,7 +117,8 @@ def _measure(name: str, scale: Scale, device: str) -> tuple[dict[str, Any], Any]
     if name == "students":
         from . import students
 
-        return students.run(scale.students, "cpu" if device == "auto" else device), scale.students
+        sizes = scale.students_gpu if device == "cuda" and scale.students_gpu else scale.students
+        return students.run(sizes, "cpu" if device == "auto" else device), sizes
     if name == "actors":
         from . import actors
 
