@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..students import n_params
 from . import model, plots
 from .clustering import loglog_fit
 from .common import ROOT, write_json
@@ -51,8 +52,6 @@ def gpu_profile(out: Path) -> model.TrainingProfile | None:
     old = _load(EARLIER / "scaling_students_gpu.json")
     if old is None:
         return None
-    from ..students import n_params
-
     P = n_params(GPU_WIDTHS)
     rows = [{"N": r["N"], "params_per_student": P, "sample_params_per_s": r["students_epochs_per_s"] * GPU_QUERIES * P}
             for r in old["stacked"] if r["dtype"] == "float64"]
@@ -84,18 +83,12 @@ def write(out: Path) -> Path:
     """Plots, ``model.json`` and ``report.md`` from the benchmark JSONs in ``out``."""
     data = {name: _load(out / f"{name}.json") for name in MODULES}
     parts = [_header(data)]
-    if data["students"]:
-        parts.append(_students(data["students"], plots.students(data["students"]["results"], out / "students.png")))
-    if data["students_gpu"]:
-        parts.append(_students(data["students_gpu"], plots.students(data["students_gpu"]["results"], out / "students_gpu.png")))
-    if data["actors"]:
-        parts.append(_actors(data["actors"], plots.actors(data["actors"]["results"], out / "actors.png")))
-    if data["cluster"]:
-        parts.append(_cluster(data["cluster"], plots.cluster(data["cluster"]["results"], out / "cluster.png")))
-    if data["recovery"]:
-        parts.append(_recovery(data["recovery"], plots.recovery(data["recovery"]["results"], out / "recovery.png")))
-    if data["quality"]:
-        parts.append(_quality(data["quality"], plots.quality(data["quality"]["results"], out / "quality.png")))
+    sections = {"students": (_students, plots.students), "students_gpu": (_students, plots.students),
+                "actors": (_actors, plots.actors), "cluster": (_cluster, plots.cluster),
+                "recovery": (_recovery, plots.recovery), "quality": (_quality, plots.quality)}
+    for name, (text, figure) in sections.items():
+        if data[name]:
+            parts.append(text(data[name], figure(data[name]["results"], out / f"{name}.png")))
     parts.append(_model(out, data["students"]))
     parts.append(_earlier())
     path = out / "report.md"
@@ -136,10 +129,7 @@ def _header(data: dict[str, Any]) -> str:
 def _students(d: dict[str, Any], png: Path) -> str:
     r = d["results"]
     lines = [
-        f"## Students per second: one stacked pack vs a per-student loop ({r['device']})",
-        "",
-        f"![students]({png.name})",
-        "",
+        *_section(f"## Students per second: one stacked pack vs a per-student loop ({r['device']})", png),
         f"Adam (lr 1e-3, batch 512), {r['dtype']}, {d['config']['epochs']} timed epochs after one warm-up, "
         f"{d['config']['stack_queries']:,} queries of a tanh {'-'.join(map(str, r['teacher']))} teacher, "
         f"students {r['teacher'][0]}-w-{r['teacher'][-1]}"
@@ -173,10 +163,7 @@ def _students(d: dict[str, Any], png: Path) -> str:
 def _actors(d: dict[str, Any], png: Path) -> str:
     r = d["results"]
     lines = [
-        "## Students per second vs Ray actors",
-        "",
-        f"![actors]({png.name})",
-        "",
+        *_section("## Students per second vs Ray actors", png),
         f"{r['students']} students of width {r['width']} ({r['queries']:,} queries), {r['lm_iterations']} "
         "Levenberg–Marquardt iterations each with no early stop (the same work in every run), one CPU per "
         "actor; actor start-up included, Ray's start not.",
@@ -199,10 +186,7 @@ def _actors(d: dict[str, Any], png: Path) -> str:
 def _cluster(d: dict[str, Any], png: Path) -> str:
     r = d["results"]
     lines = [
-        "## Clustering time and memory vs M: scipy vs FAISS",
-        "",
-        f"![cluster]({png.name})",
-        "",
+        *_section("## Clustering time and memory vs M: scipy vs FAISS", png),
         "Perfect-student layers (W = 400 neurons per student, a quarter of them the teacher's), stable rule, "
         "γ = 0.5, β = π/3, each measurement in a fresh process; memory is the step's peak resident memory "
         "above what the process held before it.",
@@ -232,10 +216,7 @@ def _cluster(d: dict[str, Any], png: Path) -> str:
 def _recovery(d: dict[str, Any], png: Path) -> str:
     r = d["results"]
     lines = [
-        "## End-to-end recovery time vs teacher width and depth",
-        "",
-        f"![recovery]({png.name})",
-        "",
+        *_section("## End-to-end recovery time vs teacher width and depth", png),
         f"`ecdist.recover` in-process (one thread), {r['activation']} teachers, students ρ = {r['rho']} times as "
         f"wide, N = {r['n_students']}, queries n = max(1000, 5·P).",
         "",
@@ -247,10 +228,7 @@ def _recovery(d: dict[str, Any], png: Path) -> str:
 def _quality(d: dict[str, Any], png: Path) -> str:
     r = d["results"]
     return "\n".join([
-        "## Quality vs ρ and N",
-        "",
-        f"![quality]({png.name})",
-        "",
+        *_section("## Quality vs ρ and N", png),
         f"Overhead (K − r)/r and worst 1 − |cos| (teacher neuron to nearest recovered neuron, on the first layer); "
         f"ρ swept at N = {r['rho_sweep_n_students']}, N swept at ρ = {r['n_sweep_rho']}. Success: right width and "
         "every neuron within 1e-4.",
@@ -344,6 +322,11 @@ def _earlier() -> str:
 
 
 # ----- formatting -------------------------------------------------------------------------------
+def _section(title: str, png: Path) -> list[str]:
+    """A section's heading and its plot."""
+    return [title, "", f"![{png.stem}]({png.name})", ""]
+
+
 def _run_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| teacher | students | N | queries | time | train / cluster | recovered | overhead | worst 1−\\|cos\\| | ok |",
              "|---|---|---|---|---|---|---|---|---|---|"]
