@@ -68,7 +68,7 @@ SCALES: dict[str, Scale] = {
                      stack_queries=2000, epochs=3,
                      cost_cases=((64, 512, 4), (64, 2048, 1), (64, 2048, 4), (256, 2048, 1), (256, 2048, 4)),
                      cost_epochs=1, lm_students=20, lm_width=16, lm_iterations=20),
-        ActorSizes(students=8, width=16, queries=4000, iterations=100),
+        ActorSizes(students=8, width=16, queries=4000, iterations=200),  # ~30 s of work: start-up stays small
         ClusterSizes(sizes=(2000, 5000, 10_000, 20_000, 50_000), scipy_max=10_000, timeout_s=600),
         RecoverySizes(width_teachers=((10, 2, 1), (10, 4, 1), (10, 8, 1), (10, 16, 1)),
                       depth_teachers=((10, 4, 1), (10, 4, 4, 1), (10, 4, 4, 4, 1)), rho=2, n_students=10),

@@ -10,9 +10,9 @@ million. Every row is clustered (no contribution weights: the debris stays in), 
 
 Each (backend, M, D) runs in its own process (``main`` of this module), which loads
 the layer, warms the backend up on a small layer (imports, thread pools) and clusters it:
-``time_s`` is the ``cluster_layer`` call, ``peak_rss_mb`` the process's peak resident memory minus
-what it held before the call (the step's own memory, FAISS's C++ side included), ``data_mb`` the
-float32 layer. ``traced_peak_mb`` is the peak of the Python-side (numpy) allocations that
+``time_s`` is the ``cluster_layer`` call, ``peak_rss_mb`` the process's peak resident memory during
+the call minus what it held before (the step's own memory, FAISS's C++ side included; sampled, see
+``PeakRSS``), ``data_mb`` the float32 layer. ``traced_peak_mb`` is the peak of the Python-side (numpy) allocations that
 tracemalloc sees, from a second, traced call (tracemalloc slows the FAISS backend's Python loops,
 so the timed call is not traced; not run above 2·10⁵ rows). Where both backends ran, ``ratio`` is
 scipy time / FAISS time and ``identical`` says whether their partitions of the kept clusters are
@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,47 @@ def write_layer(path: Path, m: int, dim: int, seed: int = 0) -> None:
     del out
 
 
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled from /proc/self/statm.
+
+    A sampler, not ``ru_maxrss``: the process's high-water mark is often set by its imports, and a
+    step that stays below it would read as 0 MB. Every 10 ms (negligible cost; the allocations
+    that matter live far longer). ``delta_mb``: the peak minus the memory held on entry; None where
+    /proc is missing (not Linux).
+    """
+
+    STATM = Path("/proc/self/statm")
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = self._max(self._rss())
+
+    @property
+    def delta_mb(self) -> float | None:
+        return None if self.base is None else (self.peak - self.base) / 2**20
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = self._max(self._rss())
+
+    def _max(self, rss: int | None) -> int | None:
+        return None if rss is None or self.peak is None else max(self.peak, rss)
+
+    def _rss(self) -> int | None:
+        try:
+            return int(self.STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+
 def worker(backend: str, path: Path, labels_out: Path, device: str) -> dict[str, Any]:
     """One measurement, in a fresh process (see the module docstring)."""
     import tracemalloc
@@ -91,10 +133,12 @@ def worker(backend: str, path: Path, labels_out: Path, device: str) -> dict[str,
     warm = min(len(V), 2000)  # five students of width 400: clusters of ⌊γN⌋ = 2 can form
     cluster_layer(V[:warm], sid[:warm], GAMMA, BETA, backend=backend, device=device)
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    res = cluster_layer(V, sid, GAMMA, BETA, backend=backend, device=device)
-    elapsed = time.perf_counter() - t0
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        res = cluster_layer(V, sid, GAMMA, BETA, backend=backend, device=device)
+        elapsed = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampled = rss.delta_mb
     np.save(labels_out, res.labels.astype(np.int32))
     traced = None
     if len(V) <= TRACE_MAX:
@@ -104,7 +148,8 @@ def worker(backend: str, path: Path, labels_out: Path, device: str) -> dict[str,
         tracemalloc.stop()
     return {
         "time_s": elapsed,
-        "peak_rss_mb": (peak_kb - base_kb) / 1024,
+        "peak_rss_mb": sampled if sampled is not None else (peak_kb - base_kb) / 1024,
+        "memory_method": "sampled /proc/self/statm" if sampled is not None else "ru_maxrss increase",
         "process_peak_rss_mb": peak_kb / 1024,
         "traced_peak_mb": traced,
         "data_mb": V.nbytes / 2**20,
@@ -215,12 +260,15 @@ def fits(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dim in sorted({r["dim"] for r in rows}):
         for backend in ("faiss", "scipy"):
-            ok = [r for r in rows if r["dim"] == dim and r.get(backend, {}).get("status") == "ok"]
+            ok = sorted((r for r in rows if r["dim"] == dim and r.get(backend, {}).get("status") == "ok"),
+                        key=lambda r: r["rows"])
             if ok:
                 ms = [r["rows"] for r in ok]
-                time_fit = loglog_fit(ms, [r[backend]["time_s"] for r in ok])
+                ts = [r[backend]["time_s"] for r in ok]
+                time_fit = loglog_fit(ms, ts)
                 out[f"{backend}_d{dim}"] = {
                     "time": time_fit,
+                    "time_two_largest": loglog_fit(ms[-2:], ts[-2:]),  # fixed costs weigh least there
                     "m_log_m_slope": m_log_m_slope(min(ms), max(ms)) if time_fit else None,
                     "peak_rss_mb": loglog_fit(ms, [r[backend]["peak_rss_mb"] for r in ok]),
                     "traced_peak_mb": loglog_fit(ms, [r[backend]["traced_peak_mb"] for r in ok]),

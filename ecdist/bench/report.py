@@ -15,7 +15,7 @@ from typing import Any
 
 from ..students import n_params
 from . import model, plots
-from .clustering import loglog_fit
+from .clustering import fits, loglog_fit, m_log_m_slope
 from .common import ROOT, write_json
 from .students import MNIST_TEACHER_WIDTH
 
@@ -198,19 +198,26 @@ def _cluster(d: dict[str, Any], png: Path) -> str:
         f, s = row.get("faiss", {}), row.get("scipy", {})
         lines.append(f"| {row['rows']:,} | {row['dim']} | {_t(f)} | {_mb(f)} | {_t(s)} | {_mb(s)} | "
                      + (f"**{row['ratio']:.1f}×** | {row['identical']} |" if "ratio" in row else "— | — |"))
-    lines += ["", "Fitted log-log slopes, time ∝ M^slope (M² is a slope of 2; M log M a slope a little above 1, "
-              "given for each range). A process-peak memory of 0 means the step stayed below the high-water mark "
-              "the process had already reached (imports, loading the layer); the traced column counts numpy's "
-              "allocations only.", "",
-              "| backend, D | M range | time slope | M log M would be | memory slope (process peak) | "
-              "memory slope (numpy, traced) |", "|---|---|---|---|---|---|"]
-    for key, fit in r["fits"].items():
-        t = fit["time"]
-        span = f"{t['m_min']:,.0f}–{t['m_max']:,.0f}" if t else "—"
-        mlogm = f"{fit['m_log_m_slope']:.2f}" if fit["m_log_m_slope"] else "—"
-        lines.append(f"| {key.replace('_d', ', D = ')} | {span} | **{_slope(t)}** | {mlogm} | "
-                     f"{_slope(fit['peak_rss_mb'])} | {_slope(fit['traced_peak_mb'])} |")
+    lines += ["", *_slopes(r["fits"])]
     return "\n".join(lines)
+
+
+def _slopes(fits: dict[str, Any]) -> list[str]:
+    """Time and memory slopes per backend and D: over the whole range, and between the two largest M."""
+    lines = ["Fitted log-log slopes, time ∝ M^slope: M² is a slope of 2, M log M a slope a little above 1 (its value "
+             "over each range is given); fixed costs flatten the small-M end, so the slope between the two largest "
+             "M is the one to extrapolate with. Memory: the step's peak resident memory (FAISS's C++ side "
+             "included) and numpy's allocations alone (tracemalloc).", "",
+             "| backend, D | M range | time slope | M log M would be | two largest M: slope (M log M) | "
+             "memory slope | numpy memory slope |", "|---|---|---|---|---|---|---|"]
+    for key, fit in fits.items():
+        t, top = fit["time"], fit.get("time_two_largest")
+        span = f"{t['m_min']:,.0f}–{t['m_max']:,.0f}" if t else "—"
+        mlogm = f"{m_log_m_slope(t['m_min'], t['m_max']):.2f}" if t else "—"
+        last = f"{top['slope']:.2f} ({m_log_m_slope(top['m_min'], top['m_max']):.2f})" if top else "—"
+        lines.append(f"| {key.replace('_d', ', D = ')} | {span} | **{_slope(t)}** | {mlogm} | {last} | "
+                     f"{_slope(fit['peak_rss_mb'])} | {_slope(fit['traced_peak_mb'])} |")
+    return lines
 
 
 def _recovery(d: dict[str, Any], png: Path) -> str:
@@ -220,7 +227,14 @@ def _recovery(d: dict[str, Any], png: Path) -> str:
         f"`ecdist.recover` in-process (one thread), {r['activation']} teachers, students ρ = {r['rho']} times as "
         f"wide, N = {r['n_students']}, queries n = max(1000, 5·P).",
         "",
-        _run_table(r["width"] + r["depth"]),
+        "Against the teacher's width:",
+        "",
+        _run_table(r["width"]),
+        "",
+        "Against its depth (deep students trained by Levenberg–Marquardt often stall short of the precision "
+        "clustering needs: see the README's known limits):",
+        "",
+        _run_table(r["depth"]),
     ]
     return "\n".join(lines)
 
@@ -280,6 +294,11 @@ def _model(out: Path, students: dict[str, Any] | None) -> str:
                      f"({'saturated' if e['saturated'] else 'below saturation'}) | {_dur(e['train_s'])} | "
                      f"{_dur(e['cluster_s'])} ({e['cluster_layers'][0]['vectors']:,} vectors) | {_dur(e['total_s'])} | "
                      f"{e['device_hours']:,.1f} | {cost} | **{e['dominant']}** |")
+    share = [e["train_s"] / e["cluster_s"] for e in estimates if e["usd_per_device_hour"]]
+    lines += ["", f"Training takes {min(share):,.0f}–{max(share):,.0f}× as long as clustering on the GPU targets: "
+              "the students' epochs decide the bill, and clustering (even on the 2-core CPU the fit comes from) "
+              "is minutes. Below saturation (fewer students per GPU than fill it) more GPUs cost more GPU-hours for "
+              "the same work; at the epoch cap these are upper bounds, linear in the epochs the students need."]
     return "\n".join(lines)
 
 
@@ -318,6 +337,7 @@ def _earlier() -> str:
             f, s = row.get("faiss", {}), row.get("scipy", {})
             lines.append(f"| {row['rows']:,} | {row['dim']} | {_t(f)} | {_mb(f)} | {_t(s)} | "
                          + (f"{row['ratio']:.0f}× |" if "ratio" in row else "— |"))
+        lines += ["", *_slopes(clus.get("fits") or fits(clus["rows"]))]
     return "\n".join(lines)
 
 
