@@ -3,8 +3,8 @@
 Every run is ``ecdist.recover`` on a random teacher (``teachers.random_mlp(arch, activation, seed)``)
 from ``queries.gaussian(n, d_in, seed + 1000)`` with n = max(1000, 5·P) (P: parameters of one
 student, so every student sees at least five queries per parameter, as in
-benchmarks/recovery_suite.py), in-process (``backend="local"``, one torch thread: the time does not
-depend on Ray's start or the core count), ``Config`` defaults otherwise. Quality is measured by
+benchmarks/recovery_suite.py), in-process on the CPU (``backend="local"``, ``device="cpu"``, one torch
+thread: the time does not depend on Ray's start or the core count), ``Config`` defaults otherwise. Quality is measured by
 ``ecdist.compare`` on 2,000 fresh Gaussian inputs: layer-size overhead (K − r)/r and the worst
 1 − |cos| between a teacher neuron and its nearest recovered neuron, per layer. A run that fails
 (``RecoveryError``: no cluster spans ⌊γN⌋ students) is recorded with its message and time.
@@ -59,7 +59,7 @@ def one(activation: str, arch: list[int], seed: int, rho: int, n_students: int) 
     n = max(1000, 5 * P)
     X = queries.gaussian(n, arch[0], seed=seed + 1000)
     cfg = Config(activation=activation, student_widths=widths, n_students=n_students, seed=seed, threads=1,
-                 backend="local")
+                 backend="local", device="cpu")
     row: dict[str, Any] = {"activation": activation, "arch": arch, "seed": seed, "rho": rho, "student_widths": widths,
                            "n_students": n_students, "params_per_student": P, "queries": n,
                            "teacher_sizes": list(arch[1:-1]), "depth": len(arch) - 2}
