@@ -17,6 +17,10 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> Path:
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:  # minor-tick labels of short log axes overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     _pyplot().close(fig)
@@ -43,10 +47,11 @@ def students(res: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("students·epochs / s (Adam)")
         ax.legend(fontsize=8)
     ax = axes[2]
-    for w in sorted({r["width"] for r in res["cost"]}):
-        sel = sorted((r for r in res["cost"] if r["width"] == w), key=lambda r: r["N"] * r["params_per_student"])
+    for w, n in sorted({(r["width"], r["queries"]) for r in res["cost"]}):
+        sel = sorted((r for r in res["cost"] if (r["width"], r["queries"]) == (w, n)),
+                     key=lambda r: r["N"] * r["params_per_student"])
         ax.loglog([r["N"] * r["params_per_student"] for r in sel], [r["sample_params_per_s"] for r in sel], "o-",
-                  label=f"784-{w}-10")
+                  label=f"784-{w}-10, n = {n:,}")
     ax.set_xlabel("work per step: students × parameters")
     ax.set_ylabel("sample·parameters / s")
     ax.set_title(f"cost per student on {res['device']}", fontsize=9)
