@@ -11,6 +11,8 @@
 (c) ``ecdist.distributed.train_packs`` on a local Ray: the same N students, LM for a fixed
     number of iterations (no early stops, so both runs do the same work), as one actor with
     one CPU vs two actors with one CPU each. Ray's start is excluded; actor start-up is not.
+The measuring functions are ``ecdist.bench.students`` and ``ecdist.bench.actors`` (what
+``ecdist bench`` runs); this script keeps its own sizes and JSON layout.
 
 Both (a) and (b) run with ecdist's heap setting (``students.keep_heap``, set by every ecdist
 optimiser): without it glibc unmaps the 13 MB activations of a stacked step on free and faults
@@ -23,7 +25,6 @@ Out:  benchmarks/results/scaling_students.json and .png
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import sys
 import time
@@ -32,49 +33,10 @@ import _common
 import numpy as np
 import torch
 
-import ecdist
-from ecdist.queries import Standardizer
-from ecdist.students import AdamOptions, LMOptions, StudentPack, fit_adam, fit_lm, keep_heap
-
-TEACHER = [10, 4, 1]
-
-
-def problem(n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    t = ecdist.teachers.random_mlp(TEACHER, "tanh", seed=0)
-    X = ecdist.queries.gaussian(n, TEACHER[0], seed=1)
-    Y = ecdist.teachers.query(t, X)
-    Xs, Ys = Standardizer.fit(X)(X), Standardizer.fit(Y)(Y)
-    return torch.as_tensor(Xs), torch.as_tensor(Ys), Xs, Ys
-
-
-def stacked_adam(N: int, width: int, X: torch.Tensor, Y: torch.Tensor, epochs: int) -> float:
-    pack = StudentPack.init([TEACHER[0], width, 1], "tanh", list(range(N)), seed=0)
-    fit_adam(pack, X, Y, AdamOptions(max_epochs=1, log_every=10**9), seed=0)  # warm-up (first-call costs)
-    t0 = time.perf_counter()
-    fit_adam(pack, X, Y, AdamOptions(max_epochs=epochs, log_every=10**9), seed=0)
-    return time.perf_counter() - t0
-
-
-def loop_adam(N: int, width: int, X: torch.Tensor, Y: torch.Tensor, epochs: int) -> float:
-    """N independent models, each with its own Adam, on the same minibatch order."""
-    models = []
-    for i in range(N):
-        torch.manual_seed(i)
-        m = torch.nn.Sequential(torch.nn.Linear(TEACHER[0], width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).double()
-        models.append((m, torch.optim.Adam(m.parameters(), lr=1e-3)))
-    gen = torch.Generator().manual_seed(0)
-    n = X.shape[0]
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for m, opt in models:
-            for s in range(0, n, 512):
-                b = perm[s : s + 512]
-                loss = ((m(X[b]) - Y[b]) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    return time.perf_counter() - t0
+from ecdist import distributed
+from ecdist.bench.actors import ActorSizes, compare
+from ecdist.bench.students import TEACHER, loop_adam, problem, stacked_adam
+from ecdist.students import LMOptions, StudentPack, fit_lm, keep_heap
 
 
 def lm_to_precision(N: int, width: int, X: torch.Tensor, Y: torch.Tensor) -> dict:
@@ -89,20 +51,6 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def actors(N: int, width: int, Xs: np.ndarray, Ys: np.ndarray, iters: int, n_actors: int) -> float:
-    from ecdist import distributed
-    from ecdist.pipeline import _plan
-
-    cfg = ecdist.Config(activation="tanh", student_widths=[width], n_students=N, seed=0, student_tol=0.0, gamma=1.0,
-                        stall_window=10**6, restarts=0, lm_max_iter=iters, pack_size=math.ceil(N / n_actors))
-    plan = _plan(cfg, Xs.shape[1], Ys.shape[1], ray_resources=distributed.resources())
-    assert len(plan["packs"]) == n_actors
-    t0 = time.perf_counter()
-    results = list(distributed.train_packs(cfg, plan, Xs, Ys, None, lambda e, i: None))
-    assert len(results) == n_actors
-    return time.perf_counter() - t0
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test, ~1 min)")
@@ -111,15 +59,15 @@ def main() -> int:
     torch.set_num_threads(1)
     keep_heap()  # process-wide: the loop (b) gets it too
     n = 2000
-    X, Y, Xs, Ys = problem(n)
+    X, Y = problem(TEACHER, n)
     epochs = 2 if quick else 5
     cases = [(20, 16), (200, 16)] if quick else [(1, 16), (5, 16), (20, 16), (50, 16), (100, 16), (200, 16), (20, 64)]
     stack_rows = []
     for N, w in cases:
         f0 = faults()
-        ts = stacked_adam(N, w, X, Y, epochs)
+        ts = stacked_adam([TEACHER[0], w, TEACHER[-1]], N, X, Y, epochs)
         f1 = faults()
-        tl = loop_adam(N, w, X, Y, epochs)
+        tl = loop_adam([TEACHER[0], w, TEACHER[-1]], N, X, Y, epochs)
         f2 = faults()
         row = {"N": N, "width": w, "epochs": epochs, "queries": n,
                "stacked_s": ts, "loop_s": tl,
@@ -131,22 +79,18 @@ def main() -> int:
     lm = lm_to_precision(20, 16, X, Y)
     print(f"LM, one pack of 20 width-16 students to 1e-20: {lm['seconds']:.1f} s, {lm['iterations']} iterations")
 
-    import ray
-
-    N_ray, w_ray, iters = (8, 16, 10) if quick else (8, 16, 200)  # ~30 s of work: actor start-up (~3 s) is small
-    Xr, Yr = problem(4000)[2:]
-    ray.init(num_cpus=2, include_dashboard=False, namespace="ecdist", log_to_driver=False)
-    try:
-        actors(4, w_ray, Xr, Yr, 2, 2)  # warm-up: worker processes, imports
-        one = actors(N_ray, w_ray, Xr, Yr, iters, 1)
-        two = actors(N_ray, w_ray, Xr, Yr, iters, 2)
-    finally:
-        ray.shutdown()
-    ray_row = {"N": N_ray, "width": w_ray, "queries": 4000, "lm_iterations": iters,
+    # ~30 s of work: actor start-up (~3 s) is small
+    sizes = ActorSizes(students=8, width=16, queries=4000, iterations=10 if quick else 200)
+    Xr, Yr = (t.numpy() for t in problem(TEACHER, sizes.queries))
+    with distributed.session(num_cpus=2):
+        ray_cmp = compare(sizes, Xr, Yr)
+    one, two = ray_cmp["one"]["seconds"], ray_cmp["two"]["seconds"]
+    ray_row = {"N": sizes.students, "width": sizes.width, "queries": sizes.queries, "lm_iterations": sizes.iterations,
                "one_actor_s": one, "two_actors_s": two,
-               "one_actor_students_per_s": N_ray / one, "two_actors_students_per_s": N_ray / two,
+               "one_actor_students_per_s": sizes.students / one, "two_actors_students_per_s": sizes.students / two,
                "speedup": one / two}
-    print(f"Ray, {N_ray} students × {iters} LM iterations: 1 actor {one:.1f} s, 2 actors {two:.1f} s, ×{one / two:.2f}")
+    print(f"Ray, {sizes.students} students × {sizes.iterations} LM iterations: 1 actor {one:.1f} s, "
+          f"2 actors {two:.1f} s, ×{one / two:.2f}")
 
     out = {
         "benchmark": "scaling_students",

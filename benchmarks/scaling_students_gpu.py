@@ -10,7 +10,8 @@
     for N = 512 students of a 10-16-1 architecture (P = 193).
 
 Ray and faiss-gpu are not installed on the lent GPU machine and their wheels exceed what can
-be carried to it, so (c) runs the packs as plain processes rather than Ray actors.
+be carried to it, so (c) runs the packs as plain processes rather than Ray actors. (a), (b) and
+(d) use ``ecdist.bench.students``, the functions ``ecdist bench --device cuda`` runs.
 
 Run:  python benchmarks/scaling_students_gpu.py --out DIR     (needs CUDA; ~4 min on an H100/H200)
 """
@@ -25,64 +26,23 @@ from pathlib import Path
 
 import torch
 
-import ecdist
-from ecdist.students import AdamOptions, LMOptions, StudentPack, fit_adam, fit_lm
+from ecdist.bench.students import lm_rate, loop_adam, problem, stacked_adam
+from ecdist.students import AdamOptions, StudentPack, fit_adam
 
 D_IN, D_OUT, WIDTH, N_QUERIES = 784, 10, 256, 8192
+STUDENT = [D_IN, WIDTH, D_OUT]
 
 
-def data(dtype: torch.dtype, n: int = N_QUERIES, arch=(D_IN, 64, D_OUT)):
-    t = ecdist.teachers.random_mlp(list(arch), "tanh", seed=0)
-    X = ecdist.queries.gaussian(n, arch[0], seed=1)
-    Y = ecdist.teachers.query(t, X)
-    Y = (Y - Y.mean(0)) / Y.std(0)
-    return torch.as_tensor(X, dtype=dtype, device="cuda"), torch.as_tensor(Y, dtype=dtype, device="cuda")
-
-
-def stacked(N: int, dtype: torch.dtype, epochs: int, X, Y) -> float:
-    pack = StudentPack.init([D_IN, WIDTH, D_OUT], "tanh", list(range(N)), seed=0, dtype=dtype, device="cuda")
-    fit_adam(pack, X, Y, AdamOptions(max_epochs=1, log_every=10**9), seed=0)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fit_adam(pack, X, Y, AdamOptions(max_epochs=epochs, log_every=10**9), seed=0)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def loop(N: int, dtype: torch.dtype, epochs: int, X, Y) -> float:
-    models = []
-    for i in range(N):
-        torch.manual_seed(i)
-        m = torch.nn.Sequential(torch.nn.Linear(D_IN, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, D_OUT))
-        m = m.to(device="cuda", dtype=dtype)
-        models.append((m, torch.optim.Adam(m.parameters(), lr=1e-3)))
-    gen = torch.Generator().manual_seed(0)
-    n = X.shape[0]
-
-    def epoch():
-        perm = torch.randperm(n, generator=gen).cuda()
-        for m, opt in models:
-            for s in range(0, n, 512):
-                b = perm[s : s + 512]
-                loss = ((m(X[b]) - Y[b]) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-    epoch()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        epoch()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def data(dtype: torch.dtype):
+    """Queries of a 784-64-10 tanh teacher and its outputs, standardised, on the GPU."""
+    return problem([D_IN, 64, D_OUT], N_QUERIES, dtype=dtype, device="cuda")
 
 
 def worker(N: int, epochs: int, start_at: float) -> None:
     """One process of (c): a pack of N float32 students; starts training at ``start_at`` (so that
     the packs of several processes train at the same time) and prints when it started and ended."""
     X, Y = data(torch.float32)
-    pack = StudentPack.init([D_IN, WIDTH, D_OUT], "tanh", list(range(N)), seed=0, dtype=torch.float32, device="cuda")
+    pack = StudentPack.init(STUDENT, "tanh", list(range(N)), seed=0, dtype=torch.float32, device="cuda")
     fit_adam(pack, X, Y, AdamOptions(max_epochs=1, log_every=10**9), seed=0)  # warm-up
     torch.cuda.synchronize()
     time.sleep(max(0.0, start_at - time.time()))
@@ -90,21 +50,6 @@ def worker(N: int, epochs: int, start_at: float) -> None:
     fit_adam(pack, X, Y, AdamOptions(max_epochs=epochs, log_every=10**9), seed=0)
     torch.cuda.synchronize()
     print(json.dumps({"start": start, "end": time.time()}), flush=True)
-
-
-def lm_rate(N: int) -> dict:
-    X, Y = data(torch.float64, n=4000, arch=(10, 4, 1))
-    pack = StudentPack.init([10, 16, 1], "tanh", list(range(N)), seed=0, dtype=torch.float64, device="cuda")
-    opts = LMOptions(max_iter=3, tol=0.0, restarts=0, stall_window=10**6)
-    fit_lm(pack, X, Y, opts)  # warm-up
-    pack = StudentPack.init([10, 16, 1], "tanh", list(range(N)), seed=0, dtype=torch.float64, device="cuda")
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fit_lm(pack, X, Y, LMOptions(max_iter=30, tol=0.0, restarts=0, stall_window=10**6))
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {"N": N, "arch": [10, 16, 1], "queries": 4000, "iterations": 30, "seconds": dt,
-            "student_iterations_per_s": N * 30 / dt}
 
 
 def main() -> int:
@@ -124,17 +69,20 @@ def main() -> int:
     for name, dtype in () if args.only_shared else (("float32", torch.float32), ("float64", torch.float64)):
         X, Y = data(dtype)
         for N in (16, 32, 64, 128, 256, 512):
-            dt = stacked(N, dtype, args.epochs, X, Y)
+            dt = stacked_adam(STUDENT, N, X, Y, args.epochs)
             row = {"dtype": name, "N": N, "seconds": dt, "students_epochs_per_s": N * args.epochs / dt}
             out["stacked"].append(row)
             print(row, flush=True)
-        dt = loop(16, dtype, args.epochs, X, Y)
+        dt = loop_adam(STUDENT, 16, X, Y, args.epochs)
         out.setdefault("loop", []).append({"dtype": name, "N": 16, "seconds": dt, "students_epochs_per_s": 16 * args.epochs / dt})
         print(out["loop"][-1], flush=True)
         del X, Y
         torch.cuda.empty_cache()
     if not args.only_shared:
-        out["lm"] = lm_rate(512)
+        X, Y = problem([10, 4, 1], 4000, device="cuda")
+        lm = lm_rate([10, 16, 1], 512, X, Y, 30)
+        out["lm"] = {"N": lm["N"], "arch": lm["widths"], "queries": lm["queries"], "iterations": lm["iterations"],
+                     "seconds": lm["seconds"], "student_iterations_per_s": lm["student_iterations_per_s"]}
         print(out["lm"], flush=True)
     # (c) four processes sharing the GPU vs one; the span from the first start to the last end
     # of training (CUDA start-up excluded), 10× the epochs so that the four overlap

@@ -1,4 +1,4 @@
-"""The ``ecdist`` command: demo, recover, compare.
+"""The ``ecdist`` command: demo, recover, compare, bench.
 
 Options for the recovery settings are generated from ``Config``'s fields and their help
 texts, so the CLI and the Python API cannot drift apart. Errors a user can cause print one
@@ -146,7 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--arch", help="architecture of a state-dict teacher, e.g. 20-8-1")
     cmp_.add_argument("--queries", type=Path, help="test inputs (.npy/.parquet); default 2,000 fresh Gaussian inputs")
     cmp_.add_argument("--seed", type=int, default=12345, help="seed of the default test inputs")
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    from .bench import BENCHMARKS
+
+    bench = sub.add_parser(
+        "bench",
+        help="scaling and quality benchmarks: one JSON each and a report with plots (--scale small: ~10 min on 2 cores)",
+        description="Measure students/s (stacked vs loop, 1 vs 2 Ray actors, a 3-node Ray cluster), clustering time "
+        "and memory vs M (scipy vs FAISS), end-to-end recovery time vs teacher width and depth, and quality vs ρ and "
+        "N; write one JSON per benchmark and report.md with plots and a scaling model to --out.",
+    )
+    bench.add_argument("--scale", default="small", choices=["small", "medium", "large", "tiny"], metavar="{small,medium,large}",
+                       help="sizes: small ~10 min on 2 cores, medium ~1 h, large hours (default: small)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default: bench-results/)")
+    bench.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
+                       help=f"run only these benchmarks ({', '.join(BENCHMARKS)}); the report covers every JSON in --out")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="students train here (auto: the CPU) and FAISS searches here; cuda writes students_gpu.json")
 
 
 def _teacher(spec: str, arch: str | None, activation: str):
@@ -233,6 +253,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from . import bench
+
+    t0 = time.perf_counter()
+    argv = ["ecdist", "bench", "--scale", args.scale, "--out", str(args.out), "--only", *args.only, "--device", args.device]
+    report = bench.run(args.scale, args.out, args.only, args.device, argv=argv, echo=print)
+    print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def _print_result(result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -257,7 +289,7 @@ def _print_result(result) -> None:
         console.print(f"functional relative MSE on {rep.n_test} fresh inputs: {rep.functional_mse:.2e}")
 
 
-COMMANDS = {"demo": cmd_demo, "recover": cmd_recover, "compare": cmd_compare}
+COMMANDS = {"demo": cmd_demo, "recover": cmd_recover, "compare": cmd_compare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

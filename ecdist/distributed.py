@@ -119,6 +119,28 @@ def session(address: str | None = None, num_cpus: int | None = None) -> Iterator
         ray.shutdown()
 
 
+@contextmanager
+def node_cluster(workers: int, cpus_per_worker: int = 1) -> Iterator[list[str]]:
+    """A Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``), connected.
+
+    The head has no CPUs, so every pack actor lands on a worker node: 1 + ``workers`` nodes, as
+    a real cluster with a driver node. Yields the worker nodes' ids; shuts everything down on exit.
+    Used by tests and by ``ecdist bench`` to measure scaling across nodes without a cluster.
+    """
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        nodes = [cluster.add_node(num_cpus=cpus_per_worker) for _ in range(workers)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        yield [n.node_id for n in nodes]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def resources() -> dict[str, float]:
     """CPUs and GPUs of the cluster Ray is connected to: in all, and on its largest node
     (``node_CPU``, ``node_GPU``) — an actor lives on one node, so a share larger than any

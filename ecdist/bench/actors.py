@@ -1,0 +1,83 @@
+"""Students per second against the number of Ray actors: local Ray, and a cluster of nodes.
+
+``ecdist.distributed.train_packs`` trains the same N students by Levenberg–Marquardt for a fixed
+number of iterations (no early stop, so every run does the same work) as one actor of one CPU,
+then as two actors of one CPU each: on a local Ray, and on a ``ray.cluster_utils.Cluster`` of a
+head without CPUs and two worker nodes of one CPU each (three nodes; each actor on its own
+node). Ray's start is excluded, actor start-up is not; a warm-up run starts the worker processes
+first. The ratio t(1 actor) / t(2 actors) comes from the same Ray session. The driver, Ray's own
+processes and the actors share the machine's cores, so on 2 cores the ratio stays below 2.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from .students import TEACHER, problem
+
+
+@dataclass(frozen=True)
+class ActorSizes:
+    """N students of ``width`` for ``iterations`` LM iterations on ``queries`` queries; ``modes``: local, cluster.
+
+    warmup: start the worker processes first, so that the one-actor run does not pay for a cold start
+    that the two-actor run then skips (off only for the tests' smoke run, where the ratio means nothing).
+    """
+
+    students: int
+    width: int
+    queries: int
+    iterations: int
+    modes: tuple[str, ...] = ("local", "cluster")
+    warmup: bool = True
+
+
+def train_time(N: int, width: int, X: np.ndarray, Y: np.ndarray, iterations: int, n_actors: int) -> dict[str, Any]:
+    """Seconds to train N students split over ``n_actors`` pack actors on the connected Ray, and their nodes."""
+    from .. import distributed
+    from ..pipeline import _plan
+
+    cfg = Config(activation="tanh", student_widths=[width], n_students=N, seed=0, student_tol=0.0, gamma=1.0,
+                 stall_window=10**6, restarts=0, lm_max_iter=iterations, pack_size=math.ceil(N / n_actors))
+    plan = _plan(cfg, X.shape[1], Y.shape[1], ray_resources=distributed.resources())
+    t0 = time.perf_counter()
+    results = list(distributed.train_packs(cfg, plan, X, Y, None, lambda event, info: None))
+    seconds = time.perf_counter() - t0
+    return {"actors": len(plan["packs"]), "seconds": seconds, "students_per_s": N / seconds,
+            "nodes": sorted({r.node for r in results})}
+
+
+def compare(sizes: ActorSizes, X: np.ndarray, Y: np.ndarray) -> dict[str, Any]:
+    """One actor against two on the Ray the driver is connected to (after a warm-up run)."""
+    if sizes.warmup:
+        train_time(4, sizes.width, X, Y, 2, 2)  # worker processes and imports
+    one = train_time(sizes.students, sizes.width, X, Y, sizes.iterations, 1)
+    two = train_time(sizes.students, sizes.width, X, Y, sizes.iterations, 2)
+    return {"one": one, "two": two, "ratio": one["seconds"] / two["seconds"],
+            "two_actors_on_distinct_nodes": len(two["nodes"]) == 2}
+
+
+def run(sizes: ActorSizes) -> dict[str, Any]:
+    """The comparison on each of ``sizes.modes`` (Ray is imported here only: ``ecdist.bench`` works without it)."""
+    from .. import distributed
+
+    Xt, Yt = problem(TEACHER, sizes.queries)
+    X, Y = Xt.numpy(), Yt.numpy()
+    out: dict[str, Any] = {"teacher": TEACHER, "students": sizes.students, "width": sizes.width,
+                           "queries": sizes.queries, "lm_iterations": sizes.iterations, "cpus_per_actor": 1}
+    for mode in sizes.modes:
+        t0 = time.perf_counter()
+        if mode == "local":
+            ctx, nodes = distributed.session(num_cpus=2), "local Ray, 2 CPUs, one node"
+        else:
+            ctx, nodes = distributed.node_cluster(workers=2), "Cluster: head (0 CPUs) + 2 worker nodes of 1 CPU"
+        with ctx:
+            start = time.perf_counter() - t0
+            out[mode] = compare(sizes, X, Y) | {"setup": nodes, "ray_resources": distributed.resources(),
+                                                "ray_start_s": start}
+    return out
