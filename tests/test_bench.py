@@ -148,3 +148,14 @@ def test_bench_tiny_ratios_come_from_the_same_run(tiny_run):
     assert all(r["seconds"] > 0 for r in rec["width"] + rec["depth"])
     q = json.loads((out / "quality.json").read_text())["results"]
     assert q["rho_sweep"][0]["status"] == "ok" and q["rho_sweep"][0]["layer_sizes"] == [2]
+
+
+def test_report_shows_the_gpu_clustering_measured_earlier(tmp_path):
+    """benchmarks/results/scaling_cluster_gpu.json (torch kNN on a GPU) has its own table in every report."""
+    from ecdist.bench import report
+
+    earlier = json.loads((ROOT / "benchmarks" / "results" / "scaling_cluster_gpu.json").read_text())
+    text = report.write(tmp_path).read_text()
+    assert f"**Clustering on one {earlier['machine']['cuda']}**" in text
+    done = [r for r in earlier["rows"] if r.get("gpu", {}).get("status") == "ok"]
+    assert done and all(f"| {r['rows']:,} | {r['dim']} | {r['gpu']['total_s']:.1f} |" in text for r in done)

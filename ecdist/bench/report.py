@@ -304,7 +304,8 @@ def _model(out: Path, students: dict[str, Any] | None) -> str:
 
 def _earlier() -> str:
     gpu, clus = _load(EARLIER / "scaling_students_gpu.json"), _load(EARLIER / "scaling_cluster.json")
-    if gpu is None and clus is None:
+    clus_gpu = _load(EARLIER / "scaling_cluster_gpu.json")
+    if gpu is None and clus is None and clus_gpu is None:
         return ""
     lines = ["## Measured earlier (not by this run)", "",
              "Larger figures from the scripts in `benchmarks/`, kept in `benchmarks/results/`; they were not "
@@ -338,6 +339,17 @@ def _earlier() -> str:
             lines.append(f"| {row['rows']:,} | {row['dim']} | {_t(f)} | {_mb(f)} | {_t(s)} | "
                          + (f"{row['ratio']:.0f}× |" if "ratio" in row else "— |"))
         lines += ["", *_slopes(clus.get("fits") or fits(clus["rows"]))]
+    if clus_gpu is not None:
+        m = clus_gpu["machine"]
+        lines += ["", f"**Clustering on one {m['cuda']}** with the exact torch kNN search (faiss-gpu's wheels need "
+                  f"CUDA 12; that machine has CUDA 13 and no FAISS; {m['date'][:10]}, torch {m['torch']}, "
+                  f"{m['cpu_affinity']} CPU cores for the rest of the pipeline; `{m['command']}`):", "",
+                  "| M | D | total s | kNN s | GPU peak MB | clusters (certified exact) |", "|---|---|---|---|---|---|"]
+        for row in clus_gpu["rows"]:
+            g = row.get("gpu", {})
+            if g.get("status") == "ok":
+                lines.append(f"| {row['rows']:,} | {row['dim']} | {g['total_s']:.1f} | {g['knn_s']:.1f} | "
+                             f"{g['gpu_peak_mb']:,.0f} | {g['clusters']} ({g['exact_clusters']}) |")
     return "\n".join(lines)
 
 
