@@ -169,13 +169,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
-        if missing:
-            raise ConfigError(f"config is missing the required field(s) {missing}")
+        _check_names(data)
         return cls(**data)
 
     def to_json(self) -> str:
@@ -282,3 +276,32 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teacher_retries": (_int(0), "an int >= 0"),
     "teacher_backoff": (_num(0, math.inf, lo_open=False, hi_open=True), "a number of seconds >= 0"),
 }
+
+
+def _checked_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Config(...) with an unknown, repeated or missing field raises ConfigError naming it, not a TypeError."""
+    names = [f.name for f in dataclasses.fields(Config)]
+
+    def __init__(self: Config, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(names):
+            raise ConfigError(f"Config takes at most {len(names)} fields, got {len(args)} positional values")
+        twice = sorted(set(names[: len(args)]) & set(kwargs))
+        if twice:
+            raise ConfigError(f"config field(s) {twice} given twice (by position and by name)")
+        _check_names(dict(zip(names, args)) | kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _check_names(data: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
+    missing = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise ConfigError(f"config is missing the required field(s) {missing}")
+
+
+Config.__init__ = _checked_init(Config.__init__)  # type: ignore[method-assign]

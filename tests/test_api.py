@@ -304,3 +304,16 @@ def test_cluster_neurons_gamma_is_a_student_count():
 
 
 
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [((), {"activation": "tanh", "student_widths": [8], "foo": 1}, "unknown config field"),
+     ((), {}, "missing the required field"),
+     (("tanh", [8]), {"activation": "g"}, "given twice"),
+     (tuple(range(100)), {}, "at most")],
+)
+def test_config_call_mistakes_are_config_errors(args, kwargs, match):
+    """Python would raise a TypeError from the dataclass's __init__; users get a ConfigError naming the field."""
+    with pytest.raises(ecdist.ConfigError, match=match):
+        ecdist.Config(*args, **kwargs)
