@@ -208,7 +208,7 @@ def test_the_layer_chain_is_exact_on_exact_students():
     assert float(trainer.pack.mse(torch.as_tensor(Xs), torch.as_tensor(Ys)).max()) < 1e-28  # planted exactly
     results = [trainer.result(torch.as_tensor(Xs))]
     advance = pipeline._LocalAdvance(config, plan, [trainer], Ys, pipeline._quiet)
-    layers, network, final = pipeline._layers(config, results, advance, Xs, Ys, xs, ys, {}, pipeline._quiet)
+    layers, network, final, _ = pipeline._layers(config, results, advance, Xs, Ys, xs, ys, {}, pipeline._quiet)
     report = ecdist.compare(network, teacher, "tanh", X=ecdist.queries.gaussian(2000, 6, seed=99))
     assert [layer.width for layer in layers] == [4, 3] == report.teacher_sizes
     assert report.functional_mse < 1e-8 and final < 1e-16
