@@ -559,3 +559,14 @@ def test_numpy_scalar_gamma_is_accepted(gamma, backend):
     p = perfect_students(20, seed=0)
     labels = cluster_neurons(p["vectors"], p["sid"], gamma, math.pi / 6, weights=p["contrib"], backend=backend)
     assert len(partition(labels)) == R
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_infinite_vectors_are_refused_in_any_float_dtype(dtype):
+    """MAX_ABS cast to float32 overflows to infinity, so a comparison with it let float32 infinities through."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 5)).astype(dtype)
+    vectors[3, 2] = np.inf
+    with pytest.raises(ecdist.ConfigError, match="infinite"):
+        ecdist.cluster.cluster_neurons(vectors, np.repeat(np.arange(8), 5))
+    assert ecdist.cluster.finite(np.arange(6).reshape(2, 3))  # integer rows are finite

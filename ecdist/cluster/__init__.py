@@ -184,9 +184,16 @@ def numeric(name: str, a, kinds: str = "biuf") -> np.ndarray:
 
 
 def finite(vectors: np.ndarray) -> bool:
-    """No NaN, no infinity, no |value| above ``MAX_ABS`` (cosines of such vectors overflow)."""
-    with np.errstate(invalid="ignore"):
-        return bool((np.abs(vectors) <= MAX_ABS).all())
+    """No NaN, no infinity, no |value| above ``MAX_ABS`` (cosines of such vectors overflow).
+
+    Infinity is tested on its own: compared with MAX_ABS cast to float32 (which overflows to
+    infinity), an infinite float32 value would pass."""
+    v = np.asarray(vectors)
+    if not np.isfinite(v).all():
+        return False
+    if v.dtype.kind != "f":  # integers and booleans: finite, and far below MAX_ABS
+        return True
+    return bool(float(np.finfo(v.dtype).max) <= MAX_ABS or (np.abs(v) <= MAX_ABS).all())
 
 
 def _validate(vectors, student_ids, gamma, beta, backend, rule, weights, drop) -> None:
