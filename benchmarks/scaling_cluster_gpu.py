@@ -31,7 +31,9 @@ from pathlib import Path
 
 import _common
 import numpy as np
-from scaling_cluster import BETA, COPY_NOISE, DEBRIS_STD, GAMMA, shape, write_layer
+
+from ecdist.bench.clustering import BETA, COPY_NOISE, DEBRIS_STD, GAMMA, shape, write_layer
+from ecdist.bench.plots import loglog_vs_m
 
 SIZES = (10_000, 20_000, 50_000, 200_000, 1_000_000)
 QUICK_SIZES = (10_000, 50_000)
@@ -150,13 +152,8 @@ def plot(data: dict, path: Path) -> None:
                   label="total, FAISS on a 2-core CPU (scaling_cluster.json)")
     ax_m.plot(ms, [r["gpu"]["gpu_peak_mb"] for r in ok], "-o", color="C2", label="peak GPU memory (torch)")
     ax_m.plot(ms, [r["gpu"]["data_mb"] for r in ok], color="grey", lw=0.8, label="the vectors (float32)")
-    for ax, title, unit in ((ax_t, f"clustering one layer, D = {DIM}", "seconds"), (ax_m, "GPU memory", "MB")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("neuron vectors M")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+    loglog_vs_m(ax_t, f"clustering one layer, D = {DIM}", "seconds")
+    loglog_vs_m(ax_m, "GPU memory", "MB")
     fig.suptitle(data["machine"].get("cuda") or "", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

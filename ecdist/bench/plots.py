@@ -27,6 +27,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def loglog_vs_m(ax: Any, title: str, unit: str) -> None:
+    """Log-log axes of a clustering figure against the number of neuron vectors M."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("neuron vectors M")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def students(res: dict[str, Any], path: Path) -> Path:
     """Students·epochs/s vs N and vs width (stacked and loop, ratio marked); the cost per student vs step size."""
     plt = _pyplot()
@@ -92,13 +102,8 @@ def cluster(res: dict[str, Any], path: Path) -> Path:
                       label=f"{backend}, D = {dim} (slope {slope})")
             mem = [max(p[1]["peak_rss_mb"], 1e-1) for p in pts]
             ax_m.plot(ms, mem, ls, marker="o", color=color, label=f"{backend}, D = {dim}")
-    for ax, title, unit in ((ax_t, "time of one clustering", "seconds"), (ax_m, "peak memory of the step", "MB")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("neuron vectors M")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+    loglog_vs_m(ax_t, "time of one clustering", "seconds")
+    loglog_vs_m(ax_m, "peak memory of the step", "MB")
     return _save(fig, path)
 
 
