@@ -241,10 +241,11 @@ def _entry_ok(entry: Any) -> bool:
 
 # ----- encodings (bytes in, bytes out: each file is hashed as it is written) -----------------------
 def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+    return (json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n").encode()
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """numpy scalars and arrays as plain JSON values (``json.dumps(..., default=json_default)``)."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

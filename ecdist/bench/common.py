@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..storage import atomic_write, json_default
+
 PACKAGE = Path(__file__).resolve().parent.parent  # the ecdist/ folder whose code runs
 ROOT = PACKAGE.parent  # the checkout (git commit, benchmarks/results) when ecdist runs from one
 
@@ -66,20 +68,7 @@ def source_hash(folder: Path) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+    atomic_write(path, (json.dumps(data, indent=1, default=json_default) + "\n").encode())
 
 
 def _git(*args: str) -> str | None:
