@@ -449,6 +449,22 @@ def _number(text: str) -> bool:
                                                                     "scipy", "faiss")
 
 
+def cli_outcome(argv: list, command: str, api_refuses: bool) -> tuple[int, str] | None:
+    """Run the CLI on a file the API refused or accepted. A refused file must end in one line and
+    exit 2; an accepted one must reach training (``recover``: None) or be returned for the caller
+    to judge (``compare``: its exit status and stderr)."""
+    with tripwire():
+        try:
+            rc, err = run_cli(argv)
+        except TrainingReached:
+            assert command == "recover" and not api_refuses
+            return None
+    if api_refuses:
+        assert_one_line_error(rc, err)
+        return None
+    return rc, err
+
+
 @FUZZ
 @given(file=damaged(QUERY_FILES), command=st.sampled_from(["recover", "compare"]))
 def test_cli_with_a_damaged_query_file(cli_files, file, command):
@@ -466,15 +482,9 @@ def test_cli_with_a_damaged_query_file(cli_files, file, command):
         else:
             argv = ["compare", cli_files / "result", "--teacher", cli_files / "teacher.pt", "--arch", "4-2-1",
                     "--queries", path]
-        with tripwire():
-            try:
-                rc, err = run_cli(argv)
-            except TrainingReached:
-                assert command == "recover" and not api_refuses
-                return
-        if api_refuses:
-            assert_one_line_error(rc, err)
-        else:
+        outcome = cli_outcome(argv, command, api_refuses)
+        if outcome is not None:
+            rc, err = outcome
             assert rc == 0 or (rc == 2 and "constant" in err), err  # compare ran; a 1-row file is constant
 
 
@@ -492,15 +502,9 @@ def test_cli_with_a_damaged_teacher_file(cli_files, file, command):
             argv = ["recover", *_flatten(args)]
         else:
             argv = ["compare", cli_files / "result", "--teacher", path, "--arch", "4-2-1"]
-        with tripwire():
-            try:
-                rc, err = run_cli(argv)
-            except TrainingReached:
-                assert command == "recover" and not api_refuses
-                return
-        if api_refuses:
-            assert_one_line_error(rc, err)
-        else:
+        outcome = cli_outcome(argv, command, api_refuses)
+        if outcome is not None:
+            rc, err = outcome
             assert rc == 0, err
 
 
