@@ -66,6 +66,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     row = {
         "dataset": dataset, "activation": act, "r": hidden[0] if len(hidden) == 1 else hidden, "queries": kind,
         "n_queries": len(Q), "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
+        "teacher_train_seconds": t.train_seconds,
         "student_width": widths[0] if len(widths) == 1 else widths, "params_per_student": P,
         "recovered": res.layer_sizes[0] if len(hidden) == 1 else res.layer_sizes,
         "overhead": (res.layer_sizes[0] - hidden[0]) / hidden[0] if len(hidden) == 1

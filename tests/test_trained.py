@@ -67,7 +67,6 @@ def test_digits_teacher_accuracy_and_logits(digits_teacher):
     assert t.widths == [64, 16, 10] and t.activation == "tanh" and t.dataset == "digits"
     assert all(p.dtype == torch.float64 for p in t.parameters())
     assert t.accuracy == t.test_accuracy >= 0.95 and t.train_accuracy >= 0.98
-    assert t.train_seconds < 30
     logits = ecdist.teachers.query(t, t.X_train)
     assert logits.shape == (1438, 10)
     assert not np.allclose(logits.sum(axis=1), 1) and (logits < 0).any()  # not probabilities
@@ -93,7 +92,7 @@ def test_train_on_deep_network():
 def test_train_on_mnist1d():
     """An MLP reaches ~55% on MNIST-1D (chance 10%; the data set is built to need convolutions)."""
     t = train_on("mnist1d", [40, 32, 10], "relu", seed=0)
-    assert t.X_train.shape == (4000, 40) and t.test_accuracy >= 0.45 and t.train_seconds < 30
+    assert t.X_train.shape == (4000, 40) and t.test_accuracy >= 0.45
 
 
 def test_train_on_takes_a_dataset_object(digits):
