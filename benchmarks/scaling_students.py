@@ -17,7 +17,8 @@ The measuring functions are ``ecdist.bench.students`` and ``ecdist.bench.actors`
 Both (a) and (b) run with ecdist's heap setting (``students.keep_heap``, set by every ecdist
 optimiser): without it glibc unmaps the 13 MB activations of a stacked step on free and faults
 them in again, which cost the stacked pack half its time here. The minor page faults of each
-side are in the JSON.
+case are in the JSON. Each case alternates the two sides three times and keeps each side's
+fastest run (all runs are in the JSON): the machine's speed drifts by ±20% from minute to minute.
 
 Run:  python benchmarks/scaling_students.py [--quick]
 Out:  benchmarks/results/scaling_students.json and .png
@@ -35,7 +36,7 @@ import torch
 
 from ecdist import distributed
 from ecdist.bench.actors import ActorSizes, compare
-from ecdist.bench.students import TEACHER, loop_adam, problem, stacked_adam
+from ecdist.bench.students import TEACHER, compare_adam, problem
 from ecdist.students import LMOptions, StudentPack, fit_lm, keep_heap
 
 
@@ -65,14 +66,9 @@ def main() -> int:
     stack_rows = []
     for N, w in cases:
         f0 = faults()
-        ts = stacked_adam([TEACHER[0], w, TEACHER[-1]], N, X, Y, epochs)
-        f1 = faults()
-        tl = loop_adam([TEACHER[0], w, TEACHER[-1]], N, X, Y, epochs)
-        f2 = faults()
-        row = {"N": N, "width": w, "epochs": epochs, "queries": n,
-               "stacked_s": ts, "loop_s": tl,
-               "stacked_students_epochs_per_s": N * epochs / ts, "loop_students_epochs_per_s": N * epochs / tl,
-               "speedup": tl / ts, "stacked_minor_faults": f1 - f0, "loop_minor_faults": f2 - f1}
+        row = compare_adam([TEACHER[0], w, TEACHER[-1]], N, X, Y, epochs, repeats=1 if quick else 3)
+        row["speedup"] = row.pop("ratio")
+        row["minor_faults"] = faults() - f0
         stack_rows.append(row)
         print(f"N={N:4d} width={w:3d}: stacked {row['stacked_students_epochs_per_s']:9.1f} st·ep/s, "
               f"loop {row['loop_students_epochs_per_s']:8.1f} st·ep/s, ×{row['speedup']:.1f}", flush=True)
@@ -80,7 +76,7 @@ def main() -> int:
     print(f"LM, one pack of 20 width-16 students to 1e-20: {lm['seconds']:.1f} s, {lm['iterations']} iterations")
 
     # ~30 s of work: actor start-up (~3 s) is small
-    sizes = ActorSizes(students=8, width=16, queries=4000, iterations=10 if quick else 200)
+    sizes = ActorSizes(students=8, width=16, queries=4000, iterations=10 if quick else 200, repeats=1 if quick else 2)
     Xr, Yr = (t.numpy() for t in problem(TEACHER, sizes.queries))
     with distributed.session(num_cpus=2):
         ray_cmp = compare(sizes, Xr, Yr)

@@ -145,7 +145,8 @@ class PackTrainer:
                 max_epochs=config.max_epochs, patience=config.patience, cooldown=config.cooldown,
                 min_lr=config.min_lr, tol=config.student_tol,
             )
-            fit_adam(pack, X, Y, adam, seed=(config.seed * 1_000_003 + index) * 101 + layer - 1, progress=step)
+            # one minibatch order for every pack: a student's path does not depend on its pack
+            fit_adam(pack, X, Y, adam, seed=config.seed * 101 + layer - 1, progress=step)
         if optimizer == "lm" or finish_lm or (finetune and pack.n_params <= config.lm_max_params):
             fit_lm(pack, X, Y, lm, progress=step)
         if self.run is not None:

@@ -89,6 +89,16 @@ def test_auto_uses_the_running_ray(ray_local, reference):
     assert_same_recovery(result, reference)
 
 
+def test_adam_students_are_the_same_on_every_backend(ray_local):
+    """Adam, then LM: packs of two on Ray and one pack of four in-process train the same students
+    (one minibatch order for all packs; a student's gradient does not depend on its pack)."""
+    adam = config(optimizer="adam", max_epochs=40, lr=1e-2, batch_size=256, finish_lm=True, lm_max_iter=60)
+    on_ray = ecdist.recover(teacher(), queries(), adam.replace(backend="ray"))
+    local = ecdist.recover(teacher(), queries(), adam.replace(backend="local"))
+    assert on_ray.plan["pack_sizes"] == [2, 2] and local.plan["pack_sizes"] == [4]
+    assert_same_recovery(on_ray, local)
+
+
 def test_packs_stream_back_as_arrow(ray_local):
     cfg = config(backend="ray", lm_max_iter=5)
     X, Y = queries(), ecdist.teachers.query(teacher(), queries())

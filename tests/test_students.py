@@ -92,6 +92,39 @@ def test_jacobian_with_skip_path_matches_autograd(activation, widths):
     torch.testing.assert_close(J, autograd_jacobian(pack, X), rtol=1e-12, atol=1e-12)
 
 
+# ----- Adam's gradient --------------------------------------------------------------------------
+def autograd_loss_grad(pack: StudentPack, X: torch.Tensor, Y: torch.Tensor):
+    theta = pack.theta.detach().clone().requires_grad_(True)
+    r = pack.forward(X, theta) - Y
+    losses = (r * r).mean(dim=(1, 2))
+    losses.sum().backward()
+    return losses.detach(), theta.grad
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus", "relu", "g"])
+@pytest.mark.parametrize("widths", [[3, 4, 1], [3, 4, 3], [2, 3, 4, 1], [2, 3, 4, 5, 2]], ids=str)
+@pytest.mark.parametrize("skip", [False, True])
+def test_loss_grad_matches_autograd(activation, widths, skip):
+    pack = random_pack(widths, activation, k=3, skip=skip)
+    X, Y = random_X(9, widths[0]), random_X(9, widths[-1], seed=2)
+    grad = torch.full_like(pack.theta, float("nan"))  # every entry must be written
+    losses = pack.loss_grad(X, Y, pack.theta, grad)
+    want_losses, want_grad = autograd_loss_grad(pack, X, Y)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_loss_grad_of_one_student_is_its_row_in_any_pack():
+    pack = random_pack([4, 5, 3, 2], "tanh", k=5)
+    X, Y = random_X(11, 4), random_X(11, 2, seed=2)
+    grad = torch.empty_like(pack.theta)
+    losses = pack.loss_grad(X, Y, pack.theta, grad)
+    for rows in ([2], [4, 0], [1, 3, 2]):
+        g = torch.empty_like(pack.theta[rows])
+        part = pack.loss_grad(X, Y, pack.theta[rows], g)
+        assert torch.equal(part, losses[rows]) and torch.equal(g, grad[rows]), rows
+
+
 def test_jacobian_of_a_subset_theta():
     pack = random_pack([3, 4, 2], "tanh", k=4)
     X = random_X(5, 3)
@@ -313,6 +346,19 @@ def test_fit_adam_reduces_the_loss_and_records_history(tiny_problem):
     assert len(pack.history) == 5 and all(h.shape == (3,) for h in pack.history)
     assert [e[1] for e in events] == [1, 11, 21, 31, 40] and all(e[0] == "adam" for e in events)
     assert np.all(pack.status == ACTIVE)  # far from the tolerance
+
+
+def test_a_students_adam_path_is_bitwise_the_same_in_any_pack(tiny_problem):
+    """Adam shares one minibatch order per seed, so, as for LM, a student's path does not depend
+    on which pack (or actor) trains it."""
+    X, Y = tiny_problem
+    opts = AdamOptions(lr=1e-2, batch_size=64, max_epochs=6, log_every=2)
+    whole = fit_adam(StudentPack.init([5, 6, 1], "tanh", list(range(5)), seed=0), X, Y, opts, seed=3)
+    for ids in ([3, 1], [4], [0, 2]):
+        part = fit_adam(StudentPack.init([5, 6, 1], "tanh", ids, seed=0), X, Y, opts, seed=3)
+        for row, sid in enumerate(part.ids):
+            assert torch.equal(part.theta[row], whole.theta[sid]), sid
+            assert part.rel_loss[row] == whole.rel_loss[sid]
 
 
 def test_fit_adam_same_seed_same_result(tiny_problem):

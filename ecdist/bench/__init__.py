@@ -57,8 +57,8 @@ SCALES: dict[str, Scale] = {
     "tiny": Scale(
         StudentSizes(stack_cases=((2, 8), (8, 8), (8, 16)), stack_queries=512, epochs=1,
                      cost_cases=((16, 256, 1), (16, 256, 2), (32, 512, 2)), cost_epochs=1,
-                     lm_students=4, lm_width=8, lm_iterations=3),
-        ActorSizes(students=4, width=8, queries=500, iterations=3, modes=("cluster",), warmup=False),
+                     lm_students=4, lm_width=8, lm_iterations=3, repeats=1),
+        ActorSizes(students=4, width=8, queries=500, iterations=3, modes=("cluster",), warmup=False, repeats=1),
         ClusterSizes(sizes=(2000, 4000), scipy_max=2000, timeout_s=300),
         RecoverySizes(width_teachers=((10, 2, 1),), depth_teachers=((10, 2, 2, 1),), rho=2, n_students=4),
         QualitySizes(teachers=(("tanh", (10, 2, 1), 0),), rhos=(2,), n_students=4, n_sweep=(4,), rho=2),

@@ -40,6 +40,7 @@ class StudentSizes:
     lm_students: int
     lm_width: int
     lm_iterations: int
+    repeats: int = 3  # (a) alternates the two sides this many times and keeps each side's fastest
 
 
 def problem(arch: list[int], n: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +100,20 @@ def loop_adam(widths: list[int], N: int, X: torch.Tensor, Y: torch.Tensor, epoch
     return time.perf_counter() - t0
 
 
+def compare_adam(widths: list[int], N: int, X: torch.Tensor, Y: torch.Tensor, epochs: int, repeats: int = 3) -> dict[str, Any]:
+    """(a) for one (N, widths): the two sides alternated ``repeats`` times; each side's fastest run
+    is its figure (the least disturbed on a shared machine), all runs are kept."""
+    stacked, loop = [], []
+    for _ in range(repeats):
+        stacked.append(stacked_adam(widths, N, X, Y, epochs))
+        loop.append(loop_adam(widths, N, X, Y, epochs))
+    ts, tl = min(stacked), min(loop)
+    return {"N": N, "width": widths[1], "epochs": epochs, "queries": int(X.shape[0]), "repeats": repeats,
+            "stacked_s": ts, "loop_s": tl, "stacked_runs_s": stacked, "loop_runs_s": loop,
+            "stacked_students_epochs_per_s": N * epochs / ts, "loop_students_epochs_per_s": N * epochs / tl,
+            "ratio": tl / ts}
+
+
 def lm_rate(widths: list[int], N: int, X: torch.Tensor, Y: torch.Tensor, iterations: int) -> dict[str, Any]:
     """Student-iterations per second of Levenberg–Marquardt (no early stop: every student does every iteration)."""
     opts = LMOptions(max_iter=iterations, tol=0.0, restarts=0, stall_window=10**6)
@@ -125,14 +140,7 @@ def run(sizes: StudentSizes, device: str = "cpu") -> dict[str, Any]:
         X, Y = problem(TEACHER, sizes.stack_queries, device=device)
         stack = []
         for N, w in sizes.stack_cases:
-            widths = [TEACHER[0], w, TEACHER[-1]]
-            ts = stacked_adam(widths, N, X, Y, sizes.epochs)
-            tl = loop_adam(widths, N, X, Y, sizes.epochs)
-            stack.append({"N": N, "width": w, "epochs": sizes.epochs, "queries": sizes.stack_queries,
-                          "stacked_s": ts, "loop_s": tl,
-                          "stacked_students_epochs_per_s": N * sizes.epochs / ts,
-                          "loop_students_epochs_per_s": N * sizes.epochs / tl,
-                          "ratio": tl / ts})
+            stack.append(compare_adam([TEACHER[0], w, TEACHER[-1]], N, X, Y, sizes.epochs, sizes.repeats))
         cost = []
         for w, n, N in sizes.cost_cases:
             Xc, Yc = problem([784, MNIST_TEACHER_WIDTH, 10], n, device=device)
