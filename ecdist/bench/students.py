@@ -4,7 +4,8 @@
     step for all N) against N separate ``torch.nn.Sequential`` models with their own Adam, trained
     one after another on the same minibatches — how most code trains an ensemble. The reference's
     Adam (lr 1e-3, batch 512), float64, one warm-up epoch then a fixed number of timed epochs.
-    Figure: students·epochs per second, and the ratio stacked/loop from the same run.
+    Figure: students·epochs per second, each side the fastest of ``repeats`` alternated runs, and
+    the ratio stacked/loop from the same run.
 (b) Cost of one student as a function of its width and of the number of queries n, on MNIST-shaped
     students (784-w-10): students·epochs/s and sample·parameters/s (= students·epochs/s · n · P),
     the unit in which ``ecdist.bench.model`` extrapolates to other widths, n and machines.
