@@ -53,9 +53,9 @@ def query_set(t: teachers.TrainedTeacher, kind: str, seed: int) -> np.ndarray:
 
 
 def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int,
-            train_images: int | None = None) -> dict:
+            train_images: int | None = None, lm: dict | None = None) -> dict:
     """One teacher [d_in, *hidden, 10] (trained on train_images images, None: all): train it,
-    recover it, compare layer by layer."""
+    recover it, compare layer by layer. lm: Config fields of the LM budget (None: the defaults)."""
     hidden = [hidden] if isinstance(hidden, int) else list(hidden)
     t0 = time.perf_counter()
     d_in = 64 if dataset == "digits" else 40
@@ -68,7 +68,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     P = sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:]))
     teacher_sizes = [int(mask.sum()), *hidden, 10]
     cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0, backend="local",
-                        device=device, threads=threads, lm_max_params=max(2500, P))
+                        device=device, threads=threads, lm_max_params=max(2500, P), **(lm or {}))
     res = ecdist.recover(tm, Q, cfg)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
     dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
@@ -114,6 +114,8 @@ def main() -> int:
                     help="deep teachers only (part c), e.g. digits:16-16 mnist1d:12-12-12")
     ap.add_argument("--train-images", type=int, default=None, metavar="N",
                     help="part (d) only, on a digits tanh teacher (r = first of --widths) trained on N images")
+    ap.add_argument("--lm-max-iter", type=int, default=None, help="with --train-images: Config.lm_max_iter")
+    ap.add_argument("--stall-window", type=int, default=None, help="with --train-images: Config.stall_window")
     args = ap.parse_args()
     if args.train_images is not None:
         try:  # a bad N fails here, before any training
@@ -165,15 +167,17 @@ def subset_pair(args: argparse.Namespace) -> int:
     """Part (d) on a teacher trained on ``args.train_images`` images: plain, then augmented queries."""
     r = args.widths[0]
     path = args.out or _common.RESULTS / "trained_teachers_subset.json"
+    lm = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window)) if v is not None}
     pair = {}
     for kind in ("plain", "augmented"):
-        pair[kind] = run_one("digits", r, "tanh", kind, args.device, args.threads, args.train_images)
+        pair[kind] = run_one("digits", r, "tanh", kind, args.device, args.threads, args.train_images, lm)
         _common.write_json(path.with_suffix(".partial.json"), {"plain_vs_augmented": pair})
     p = pair["plain"]
     out = {
         "benchmark": "trained_teachers",
         "machine": _common.machine_info(),
-        "settings": {"rho": RHO, "n_students": N_STUDENTS, "device": args.device, "train_images": args.train_images},
+        "settings": {"rho": RHO, "n_students": N_STUDENTS, "device": args.device, "train_images": args.train_images,
+                     **lm},
         "plain_vs_augmented": pair,
         "summary": {
             "teacher_params": p["teacher_params"], "masked_teacher_params": p["masked_teacher_params"],
