@@ -17,9 +17,15 @@ Part (c), deep teachers (``--deep digits:16-16 mnist1d:12-12-12``), reports the 
 overhead and worst 1 − |cos| of every layer.
 
 Part (d), plain vs augmented queries, uses a teacher with more parameters than images
-(digits 64-32-10: 2,410 parameters on 1,438 training images).
+(digits 64-32-10: 2,410 parameters on 1,438 training images). ``--train-images N`` runs part (d)
+alone on a teacher trained on N of the training images (``train_on(..., n_train=N)``, the same
+images for the same seed), r = the first of ``--widths``: plain = exactly those N images,
+augmented = the same generators on those N images only; the held-out test set stays whole.
+Sized for a CPU: digits 64-8-10 on 400 images (610 parameters, 570 once the 5 pixels constant
+on those images are masked) → ``results/trained_teachers_subset.json`` and ``.png``.
 
 Run:  python benchmarks/trained_teachers.py [--quick] [--device cuda] [--out FILE]
+      python benchmarks/trained_teachers.py --train-images 400 --widths 8 --threads 1
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import _common
 import numpy as np
 
 import ecdist
-from ecdist import queries, teachers
+from ecdist import datasets, queries, teachers
 
 ACTIVATIONS = ("g", "tanh", "sigmoid", "softplus", "relu")
 RHO, N_STUDENTS = 2, 10
@@ -46,26 +52,32 @@ def query_set(t: teachers.TrainedTeacher, kind: str, seed: int) -> np.ndarray:
     return np.vstack([X, queries.signed_noise(X, seed=seed), grid])
 
 
-def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int) -> dict:
-    """One teacher [d_in, *hidden, 10]: train it, recover it, compare layer by layer."""
+def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int,
+            train_images: int | None = None, lm: dict | None = None) -> dict:
+    """One teacher [d_in, *hidden, 10] (trained on train_images images, None: all): train it,
+    recover it, compare layer by layer. lm: Config fields of the LM budget (None: the defaults)."""
     hidden = [hidden] if isinstance(hidden, int) else list(hidden)
     t0 = time.perf_counter()
     d_in = 64 if dataset == "digits" else 40
-    t = teachers.train_on(dataset, [d_in, *hidden, 10], act, seed=0)
+    t = teachers.train_on(dataset, [d_in, *hidden, 10], act, seed=0, n_train=train_images)
     mask = queries.input_mask(t.X_train)
     tm = teachers.masked(t, mask, fill=t.X_train[0])
     Q = query_set(t, kind, seed=1)[:, mask]
     widths = [RHO * r for r in hidden]
     sizes = [int(mask.sum()), *widths, 10]
     P = sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:]))
+    teacher_sizes = [int(mask.sum()), *hidden, 10]
     cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0, backend="local",
-                        device=device, threads=threads, lm_max_params=max(2500, P))
+                        device=device, threads=threads, lm_max_params=max(2500, P), **(lm or {}))
     res = ecdist.recover(tm, Q, cfg)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
     dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
     row = {
         "dataset": dataset, "activation": act, "r": hidden[0] if len(hidden) == 1 else hidden, "queries": kind,
         "n_queries": len(Q), "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
+        "n_train_images": len(t.X_train), "teacher_train_accuracy": t.train_accuracy,
+        "teacher_params": sum(p.numel() for p in t.parameters()),
+        "masked_teacher_params": sum((i + 1) * o for i, o in zip(teacher_sizes[:-1], teacher_sizes[1:])),
         "teacher_train_seconds": t.train_seconds,
         "student_width": widths[0] if len(widths) == 1 else widths, "params_per_student": P,
         "recovered": res.layer_sizes[0] if len(hidden) == 1 else res.layer_sizes,
@@ -76,6 +88,9 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "worst_1_minus_cos_per_layer": [float(d.max()) for d in dists],
         "functional_rel_mse_test": rep.functional_mse,
         "students_median_rel_mse": float(np.median(np.asarray(res.students.column("rel_loss")))),
+        "students_rel_mse": np.asarray(res.students.column("rel_loss")).tolist(),
+        "students_steps": np.asarray(res.students.column("steps")).tolist(),
+        "students_status": res.students.column("status").to_pylist(),
         "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
     }
     arch = "-".join(map(str, hidden))
@@ -97,7 +112,17 @@ def main() -> int:
     ap.add_argument("--skip-plain", action="store_true", help="only the augmented-query grid (no part d)")
     ap.add_argument("--deep", nargs="+", default=[], metavar="DATASET:W-W[-W]",
                     help="deep teachers only (part c), e.g. digits:16-16 mnist1d:12-12-12")
+    ap.add_argument("--train-images", type=int, default=None, metavar="N",
+                    help="part (d) only, on a digits tanh teacher (r = first of --widths) trained on N images")
+    ap.add_argument("--lm-max-iter", type=int, default=None, help="with --train-images: Config.lm_max_iter")
+    ap.add_argument("--stall-window", type=int, default=None, help="with --train-images: Config.stall_window")
     args = ap.parse_args()
+    if args.train_images is not None:
+        try:  # a bad N fails here, before any training
+            datasets.load_dataset("digits").subset(args.train_images)
+        except ecdist.EcdistError as e:
+            ap.error(f"--train-images: {e}")
+        return subset_pair(args)
     rows = []
     cases = [("digits", 8, "tanh")] if args.quick else [
         (ds, r, a) for ds in args.datasets for r in args.widths for a in args.activations]  # narrow first
@@ -136,6 +161,77 @@ def main() -> int:
     plot(out, path.with_suffix(".png"))
     print(out["summary"])
     return 0
+
+
+def subset_pair(args: argparse.Namespace) -> int:
+    """Part (d) on a teacher trained on ``args.train_images`` images: plain, then augmented queries."""
+    r = args.widths[0]
+    path = args.out or _common.RESULTS / "trained_teachers_subset.json"
+    lm = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window)) if v is not None}
+    pair = {}
+    for kind in ("plain", "augmented"):
+        pair[kind] = run_one("digits", r, "tanh", kind, args.device, args.threads, args.train_images, lm)
+        _common.write_json(path.with_suffix(".partial.json"), {"plain_vs_augmented": pair})
+    p = pair["plain"]
+    out = {
+        "benchmark": "trained_teachers",
+        "machine": _common.machine_info(),
+        "settings": {"rho": RHO, "n_students": N_STUDENTS, "device": args.device, "train_images": args.train_images,
+                     **lm},
+        "plain_vs_augmented": pair,
+        "summary": {
+            "teacher_params": p["teacher_params"], "masked_teacher_params": p["masked_teacher_params"],
+            "train_images": p["n_train_images"], "more_params_than_images": p["teacher_params"] > p["n_train_images"],
+            "recovered": {k: x["recovered"] for k, x in pair.items()},
+        },
+    }
+    _common.write_json(path, out)
+    path.with_suffix(".partial.json").unlink(missing_ok=True)
+    plot_pair(out, path.with_suffix(".png"))
+    print(out["summary"])
+    return 0
+
+
+def plot_pair(out: dict, path: Path) -> None:
+    """Plain vs augmented side by side: recovered width, worst 1 − |cos|, test relative MSE and
+    every student's relative MSE (points, so that a value of 1 = 10⁰ stays visible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pair = out["plain_vs_augmented"]
+    kinds = list(pair)
+    labels = [f"{k}\n{pair[k]['n_queries']} queries" for k in kinds]
+    p = pair[kinds[0]]
+    panels = [
+        ("log10 worst 1 − |cos|", "worst_1_minus_cos", -3),
+        ("log10 functional rel. MSE (test)", "functional_rel_mse_test", None),
+        ("log10 students' rel. MSE (queries)", "students_rel_mse", None),
+    ]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(13, 3.6))
+    axes[0].bar(range(len(kinds)), [pair[k]["recovered"] for k in kinds], color=["C3", "C0"])
+    axes[0].axhline(p["r"], color="k", ls=":", lw=1)
+    axes[0].set_title(f"recovered width (teacher {p['r']})", fontsize=9)
+    for ax, (title, key, ref) in zip(axes[1:], panels):
+        for i, k in enumerate(kinds):
+            v = np.atleast_1d(pair[k].get(key, pair[k].get("students_median_rel_mse")))
+            y = np.log10(np.maximum(v, 1e-32))
+            ax.plot(np.full(len(y), i), y, "o", color=["C3", "C0"][i], alpha=0.7)
+            ax.annotate(f"{np.median(v):.1e}", (i, float(np.median(y))), xytext=(8, 0),
+                        textcoords="offset points", fontsize=8, va="center")
+        if ref is not None:
+            ax.axhline(ref, color="k", ls=":", lw=1)
+        ax.set_xlim(-0.5, len(kinds) - 0.5)
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xticks(range(len(kinds)), labels, fontsize=8)
+    fig.suptitle(f"digits 64-{p['r']}-10 {p['activation']} trained on {p['n_train_images']} images "
+                 f"({p['teacher_params']} parameters; {p['masked_teacher_params']} on the varying pixels)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(out: dict, path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,31 @@ class Dataset:
     @property
     def d_in(self) -> int:
         return self.X_train.shape[1]
+
+    def subset(self, n_train: int, seed: int = 0) -> Dataset:
+        """The same data set with only ``n_train`` of its training rows; the test set is unchanged.
+
+        The rows are the first ``n_train`` of a permutation drawn from ``seed``, kept in their
+        original order: the same (n_train, seed) gives the same rows, and a smaller subset under
+        the same seed is part of a larger one. Why: a teacher trained on few images (more
+        parameters than images) while the held-out test set stays whole for the functional MSE.
+
+        Example:
+            >>> small = load_dataset("digits").subset(300, seed=0)
+            >>> small.X_train.shape, small.y_train.shape, small.X_test.shape
+            ((300, 64), (300,), (359, 64))
+        """
+        n = len(self.X_train)
+        if not isinstance(n_train, (int, np.integer)) or isinstance(n_train, bool) or not 1 <= n_train <= n:
+            raise ConfigError(
+                f"n_train: got {n_train!r}; expected an integer from 1 to {n} "
+                f"(the {self.name} training set has {n} rows)"
+            )
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+        rows = np.sort(np.random.default_rng(int(seed)).permutation(n)[: int(n_train)])
+        return replace(self, X_train=self.X_train[rows], y_train=self.y_train[rows],
+                       X_test=self.X_test.copy(), y_test=self.y_test.copy())
 
 
 def load_dataset(name: str, seed: int | None = None) -> Dataset:

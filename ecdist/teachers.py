@@ -448,11 +448,16 @@ def train_on(
     batch_size: int = 128,
     weight_decay: float = 0.1,
     data_seed: int | None = None,
+    n_train: int | None = None,
 ) -> TrainedTeacher:
     """A teacher ``widths = [d_in, h_1, …, n_classes]`` trained by cross-entropy on ``dataset``.
 
     dataset: ``"digits"`` (64 inputs) or ``"mnist1d"`` (40 inputs), both 10 classes, or a
     ``datasets.Dataset``; data_seed: its split/generation seed (None: the data set's default).
+    n_train: train on only this many training images, ``Dataset.subset(n_train, seed)`` (the
+    same rows for the same seed; None: all of them); the test set stays whole, and ``t.data``
+    is the subset, so ``t.X_train`` is exactly what the teacher saw — e.g. 400 digits images
+    for a 64-8-10 teacher (610 parameters) gives a teacher with more parameters than images.
     Training is float64 minibatch Adam with a cosine decay of ``lr`` to zero over ``epochs``
     and decoupled weight decay (AdamW), which keeps the weights moderate so hidden units are
     not saturated on the data — saturated units are hard to identify from queries. Weights
@@ -467,6 +472,8 @@ def train_on(
     from .datasets import Dataset, load_dataset
 
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_seed)
+    if n_train is not None:
+        data = data.subset(n_train, seed)
     widths = _check_widths(widths, data)
     activations.get(activation)
     for name, value, ok in (

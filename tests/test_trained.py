@@ -125,6 +125,44 @@ def test_train_on_bad_arguments(kw, match):
         train_on("digits", [64, 4, 10], **kw)
 
 
+# ----- training on a subset of the images --------------------------------------------------------------
+def test_subset_has_the_requested_size_and_is_deterministic_under_its_seed(digits):
+    a, b, c = digits.subset(300, seed=0), digits.subset(300, seed=0), digits.subset(300, seed=1)
+    assert a.X_train.shape == (300, 64) and a.y_train.shape == (300,)
+    np.testing.assert_array_equal(a.X_train, b.X_train)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    assert not np.array_equal(a.X_train, c.X_train)
+    rows = [np.flatnonzero((digits.X_train == x).all(axis=1))[0] for x in a.X_train]
+    assert rows == sorted(rows) and len(set(rows)) == 300  # distinct training rows, in their original order
+    np.testing.assert_array_equal(a.y_train, digits.y_train[rows])
+    small = digits.subset(100, seed=0)  # nested: a smaller subset under the same seed is part of a larger one
+    assert {x.tobytes() for x in small.X_train} <= {x.tobytes() for x in a.X_train}
+    np.testing.assert_array_equal(a.X_test, digits.X_test)  # the held-out test set stays whole
+    np.testing.assert_array_equal(a.y_test, digits.y_test)
+    assert (a.name, a.shape, a.n_classes) == (digits.name, digits.shape, digits.n_classes)
+    assert np.array_equal(digits.subset(1438, seed=5).X_train, digits.X_train)  # all rows: the training set
+
+
+@pytest.mark.parametrize("n", [0, -3, 1439, 2.5, True, "400", None])
+def test_subset_refuses_bad_sizes(digits, n):
+    with pytest.raises(ConfigError, match=r"n_train: got .*expected an integer from 1 to 1438"):
+        digits.subset(n)
+    if n is not None:
+        with pytest.raises(ConfigError, match="n_train"):
+            train_on("digits", [64, 4, 10], n_train=n)
+
+
+def test_train_on_a_subset_has_more_parameters_than_images():
+    """digits 64-8-10 (610 parameters) on 400 images: the part (d) teacher of benchmarks/trained_teachers.py."""
+    a, b = (train_on("digits", [64, 8, 10], "tanh", seed=0, epochs=5, n_train=400) for _ in range(2))
+    assert a.X_train.shape == (400, 64) and a.X_test.shape == (359, 64)
+    assert sum(p.numel() for p in a.parameters()) == 610 > len(a.X_train)
+    np.testing.assert_array_equal(a.X_train, load_dataset("digits").subset(400, seed=0).X_train)
+    for pa, pb in zip(params(a), params(b)):
+        np.testing.assert_array_equal(pa, pb)
+    assert a.test_accuracy == a.score(a.X_test, a.y_test)
+
+
 # ----- the input mask and masked teachers ------------------------------------------------------------
 def test_mask_finds_exactly_the_constant_pixels_of_digits(digits):
     X = np.vstack([digits.X_train, digits.X_test])
