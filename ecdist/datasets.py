@@ -60,8 +60,7 @@ class Dataset:
                 f"n_train: got {n_train!r}; expected an integer from 1 to {n} "
                 f"(the {self.name} training set has {n} rows)"
             )
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+        _check_seed(seed)
         rows = np.sort(np.random.default_rng(int(seed)).permutation(n)[: int(n_train)])
         return replace(self, X_train=self.X_train[rows], y_train=self.y_train[rows],
                        X_test=self.X_test.copy(), y_test=self.y_test.copy())
@@ -82,11 +81,15 @@ def load_dataset(name: str, seed: int | None = None) -> Dataset:
         raise ConfigError(f"dataset: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if seed is None:
         seed = DEFAULT_SEEDS[name]
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+    _check_seed(seed)
     Xtr, ytr, Xte, yte = _cached(name, int(seed))
     shape = (8, 8) if name == "digits" else (Xtr.shape[1],)
     return Dataset(name, Xtr.copy(), ytr.copy(), Xte.copy(), yte.copy(), shape, 10)
+
+
+def _check_seed(seed: object) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
 
 
 @functools.lru_cache(maxsize=4)
