@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
+from .common import alternated
 from .students import TEACHER, problem
 
 
@@ -60,14 +61,12 @@ def compare(sizes: ActorSizes, X: np.ndarray, Y: np.ndarray) -> dict[str, Any]:
     """One actor against two on the Ray the driver is connected to (after a warm-up run)."""
     if sizes.warmup:
         train_time(4, sizes.width, X, Y, 2, 2)  # worker processes and imports
-    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    for _ in range(sizes.repeats):
-        for n_actors in (1, 2):
-            runs[n_actors].append(train_time(sizes.students, sizes.width, X, Y, sizes.iterations, n_actors))
-    one, two = (min(runs[a], key=lambda r: r["seconds"]) for a in (1, 2))
+    ones, twos = alternated(sizes.repeats, *(
+        lambda a=a: train_time(sizes.students, sizes.width, X, Y, sizes.iterations, a) for a in (1, 2)))
+    one, two = (min(runs, key=lambda r: r["seconds"]) for runs in (ones, twos))
     return {"one": one, "two": two, "ratio": one["seconds"] / two["seconds"],
-            "one_runs_s": [r["seconds"] for r in runs[1]], "two_runs_s": [r["seconds"] for r in runs[2]],
-            "two_actors_on_distinct_nodes": all(len(r["nodes"]) == 2 for r in runs[2])}
+            "one_runs_s": [r["seconds"] for r in ones], "two_runs_s": [r["seconds"] for r in twos],
+            "two_actors_on_distinct_nodes": all(len(r["nodes"]) == 2 for r in twos)}
 
 
 def run(sizes: ActorSizes) -> dict[str, Any]:

@@ -11,13 +11,15 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..storage import atomic_write, json_default
 
 PACKAGE = Path(__file__).resolve().parent.parent  # the ecdist/ folder whose code runs
 ROOT = PACKAGE.parent  # the checkout (git commit, benchmarks/results) when ecdist runs from one
+T = TypeVar("T")
 
 
 def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
@@ -48,6 +50,16 @@ def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
         "git_dirty": bool(dirty) if dirty is not None else None,
         "ecdist_source_sha256": source_hash(PACKAGE),  # identifies uncommitted code too
     }
+
+
+def alternated(repeats: int, *measures: Callable[[], T]) -> list[list[T]]:
+    """Each of ``measures`` run ``repeats`` times, interleaved (a, b, a, b, …), so that the machine's
+    drifting speed hits every side alike; one list of results per measure."""
+    runs: list[list[T]] = [[] for _ in measures]
+    for _ in range(repeats):
+        for out, measure in zip(runs, measures):
+            out.append(measure())
+    return runs
 
 
 def load_average() -> list[float]:

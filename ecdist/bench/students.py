@@ -24,6 +24,7 @@ import torch
 from .. import queries, teachers
 from ..queries import Standardizer
 from ..students import AdamOptions, LMOptions, StudentPack, fit_adam, fit_lm, n_params
+from .common import alternated
 
 TEACHER = [10, 4, 1]  # a small tanh teacher; the students' speed does not depend on what they learn
 MNIST_TEACHER_WIDTH = 16  # teacher of the MNIST-shaped cost rows (only its outputs are used)
@@ -104,10 +105,8 @@ def loop_adam(widths: list[int], N: int, X: torch.Tensor, Y: torch.Tensor, epoch
 def compare_adam(widths: list[int], N: int, X: torch.Tensor, Y: torch.Tensor, epochs: int, repeats: int = 3) -> dict[str, Any]:
     """(a) for one (N, widths): the two sides alternated ``repeats`` times; each side's fastest run
     is its figure (the least disturbed on a shared machine), all runs are kept."""
-    stacked, loop = [], []
-    for _ in range(repeats):
-        stacked.append(stacked_adam(widths, N, X, Y, epochs))
-        loop.append(loop_adam(widths, N, X, Y, epochs))
+    stacked, loop = alternated(repeats, lambda: stacked_adam(widths, N, X, Y, epochs),
+                               lambda: loop_adam(widths, N, X, Y, epochs))
     ts, tl = min(stacked), min(loop)
     return {"N": N, "width": widths[1], "epochs": epochs, "queries": int(X.shape[0]), "repeats": repeats,
             "stacked_s": ts, "loop_s": tl, "stacked_runs_s": stacked, "loop_runs_s": loop,
