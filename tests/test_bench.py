@@ -136,7 +136,10 @@ def test_bench_tiny_ratios_come_from_the_same_run(tiny_run):
         assert r["ratio"] == pytest.approx(r["loop_s"] / r["stacked_s"])
     assert all(c["sample_params_per_s"] > 0 for c in s["cost"]) and s["lm"]["student_iterations_per_s"] > 0
     a = json.loads((out / "actors.json").read_text())["results"]["cluster"]
-    assert a["ratio"] == pytest.approx(a["one"]["seconds"] / a["two"]["seconds"])
+    assert a["ratio"] == pytest.approx(a["one"]["train_s"] / a["two"]["train_s"])
+    assert a["ratio_end_to_end"] == pytest.approx(min(a["one_runs_end_to_end_s"]) / min(a["two_runs_end_to_end_s"]))
+    for side in ("one", "two"):
+        assert a[side]["seconds"] == pytest.approx(a[side]["start_s"] + a[side]["train_s"])
     assert a["two_actors_on_distinct_nodes"] and a["ray_resources"]["CPU"] == 2
     c = json.loads((out / "cluster.json").read_text())["results"]
     both = [r for r in c["rows"] if "ratio" in r]

@@ -68,7 +68,8 @@ SCALES: dict[str, Scale] = {
                      stack_queries=2000, epochs=3,
                      cost_cases=((64, 512, 4), (64, 2048, 1), (64, 2048, 4), (256, 2048, 1), (256, 2048, 4)),
                      cost_epochs=1, lm_students=20, lm_width=16, lm_iterations=20),
-        ActorSizes(students=8, width=16, queries=4000, iterations=200),  # ~30 s of work: start-up stays small
+        # 32 students: a pack of 16 costs half a pack of 32 (at 8, a pack of 4 cost 65% of 8: fixed costs per step)
+        ActorSizes(students=32, width=16, queries=4000, iterations=100),
         ClusterSizes(sizes=(2000, 5000, 10_000, 20_000, 50_000), scipy_max=10_000, timeout_s=600),
         RecoverySizes(width_teachers=((10, 2, 1), (10, 4, 1), (10, 8, 1), (10, 16, 1)),
                       depth_teachers=((10, 4, 1), (10, 4, 4, 1), (10, 4, 4, 4, 1)), rho=2, n_students=10),
@@ -82,7 +83,7 @@ SCALES: dict[str, Scale] = {
                      stack_queries=2000, epochs=5,
                      cost_cases=tuple((w, n, N) for w in (64, 256, 1024) for n in (2048, 8192) for N in (1, 4)),
                      cost_epochs=1, lm_students=50, lm_width=16, lm_iterations=50),
-        ActorSizes(students=8, width=16, queries=4000, iterations=200),
+        ActorSizes(students=32, width=16, queries=4000, iterations=200),
         ClusterSizes(sizes=(2000, 5000, 10_000, 20_000, 50_000, 200_000), scipy_max=20_000, dims=(65, 785)),
         RecoverySizes(width_teachers=((10, 2, 1), (10, 4, 1), (10, 8, 1), (10, 16, 1), (20, 16, 1)),
                       depth_teachers=((10, 4, 1), (10, 4, 4, 1), (10, 4, 4, 4, 1), (10, 4, 4, 4, 4, 1)),
@@ -98,7 +99,7 @@ SCALES: dict[str, Scale] = {
                      stack_queries=2000, epochs=5,
                      cost_cases=tuple((w, n, N) for w in (64, 256, 1024) for n in (2048, 8192) for N in (1, 4, 16)),
                      cost_epochs=1, lm_students=100, lm_width=16, lm_iterations=50),
-        ActorSizes(students=16, width=16, queries=4000, iterations=200),
+        ActorSizes(students=64, width=16, queries=4000, iterations=200),
         ClusterSizes(sizes=(2000, 5000, 10_000, 20_000, 50_000, 200_000, 1_000_000), scipy_max=40_000,
                      dims=(65, 785)),
         RecoverySizes(width_teachers=((10, 2, 1), (10, 4, 1), (10, 8, 1), (10, 16, 1), (20, 16, 1), (20, 24, 1)),
