@@ -12,6 +12,9 @@ student here is trained by LM; on a GPU with ``--device cuda``).
 Reported per teacher: recovered width, overhead (recovered − r)/r, worst and median 1 − |cos|
 over teacher neurons (nearest recovered neuron, symmetry-aware), and the functional relative
 MSE on the held-out test images.
+For ReLU also the teacher neurons the queries can reveal at all (``ecdist.identifiable``: a
+neuron dead or always on over every query is left out) and the overhead and worst 1 − |cos|
+over those (``*_identifiable``); for the other activations these equal the plain figures.
 
 Part (c), deep teachers (``--deep digits:16-16 mnist1d:12-12-12``), reports the recovered width,
 overhead and worst 1 − |cos| of every layer.
@@ -72,6 +75,10 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     res = ecdist.recover(tm, Q, cfg)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
     dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
+    # a ReLU neuron that is dead (or always on) on every query cannot be recovered by any method
+    ident = ecdist.identifiable(tm, act, Q)
+    seen = [int(m.sum()) for m in ident]
+    dists_seen = [d[m[: len(d)]] if len(d) == len(m) else d for d, m in zip(dists, ident)]
     row = {
         "dataset": dataset, "activation": act, "r": hidden[0] if len(hidden) == 1 else hidden, "queries": kind,
         "n_queries": len(Q), "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
@@ -86,6 +93,11 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "worst_1_minus_cos": float(max(d.max() for d in dists)),
         "median_1_minus_cos": float(np.median(np.concatenate(dists))),
         "worst_1_minus_cos_per_layer": [float(d.max()) for d in dists],
+        "identifiable_r": seen[0] if len(hidden) == 1 else seen,
+        "unidentifiable_neurons": [np.flatnonzero(~m).tolist() for m in ident],
+        "overhead_identifiable": (res.layer_sizes[0] - seen[0]) / seen[0] if len(hidden) == 1
+        else [(k - r) / r for k, r in zip(res.layer_sizes, seen)],
+        "worst_1_minus_cos_identifiable": float(max((d.max() for d in dists_seen if d.size), default=0.0)),
         "functional_rel_mse_test": rep.functional_mse,
         "students_median_rel_mse": float(np.median(np.asarray(res.students.column("rel_loss")))),
         "students_rel_mse": np.asarray(res.students.column("rel_loss")).tolist(),

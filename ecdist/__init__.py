@@ -23,7 +23,7 @@ os.environ.setdefault("MKL_CBWR", "AVX2")
 from . import cluster, datasets, queries, teachers  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import ConfigError, EcdistError, QueryError, RecoveryError, RunFolderError, TeacherError  # noqa: E402
-from .metrics import Comparison, compare  # noqa: E402
+from .metrics import Comparison, compare, identifiable  # noqa: E402
 from .pipeline import Recovery, recluster, recover  # noqa: E402
 from .storage import load_recovery as load  # noqa: E402
 
@@ -41,6 +41,7 @@ __all__ = [
     "TeacherError",
     "cluster",
     "compare",
+    "identifiable",
     "datasets",
     "load",
     "queries",

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import activations
@@ -168,6 +169,38 @@ def compare(
         output_distance=outs,
         n_test=len(X),
     )
+
+
+def identifiable(teacher: nn.Module, activation: str, X: np.ndarray) -> list[np.ndarray]:
+    """Per hidden layer of the teacher, which neurons the inputs X can reveal at all (bool mask).
+
+    A ReLU-like neuron (piecewise linear with its kink at 0) whose pre-activation keeps one
+    sign on every row of X is, on X, either zero (dead: it adds nothing) or linear (absorbed
+    by the next layer's bias and weights, or the affine path). No method can read its weights
+    from queries like X, so a recovery that leaves it out is right, and its 1 − |cos| means
+    nothing. For smooth activations every neuron counts.
+
+        >>> import numpy as np, torch, ecdist
+        >>> t = ecdist.teachers.random_mlp([3, 2, 1], "relu", seed=0)
+        >>> with torch.no_grad():
+        ...     _ = t.layers[0].bias.copy_(torch.tensor([0.0, -100.0]))  # neuron 1 never fires
+        >>> [m.tolist() for m in ecdist.metrics.identifiable(t, "relu", np.random.default_rng(0).standard_normal((500, 3)))]
+        [[True, False]]
+    """
+    act = activations.get(activation)
+    X = validate(X)
+    layers = _layers(teacher)
+    if X.shape[1] != layers[0][0].shape[1]:
+        raise TeacherError(f"X has {X.shape[1]} inputs but the teacher takes {layers[0][0].shape[1]}")
+    masks, h = [], X
+    for W, b in layers[:-1]:
+        z = h @ W.T + b
+        if act.symmetry.scaling:  # piecewise linear: the kink at 0 is all that is not linear
+            masks.append(((z > 0).any(axis=0) & (z < 0).any(axis=0)))
+        else:
+            masks.append(np.ones(z.shape[1], dtype=bool))
+        h = act.fn(torch.from_numpy(z)).numpy()
+    return masks
 
 
 def _layers(net: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -168,6 +168,35 @@ def test_compare_wrong_input_dimension():
         ecdist.compare(t, t, "tanh", X=ecdist.queries.gaussian(10, 4, seed=0))
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_identifiable_leaves_out_dead_and_always_on_kinked_neurons(activation):
+    t = ecdist.teachers.random_mlp([5, 4, 3, 1], activation, seed=0)
+    X = ecdist.queries.gaussian(2000, 5, seed=1)
+    w2 = t.layers[0].weight.detach().numpy()[2]
+    with torch.no_grad():  # layer 1: neuron 1 never fires, neuron 2 always does (just)
+        t.layers[0].bias[1], t.layers[0].bias[2] = -1e3, float(-(X @ w2).min() + 0.1)
+        h = ecdist.activations.get(activation).fn(torch.as_tensor(X) @ t.layers[0].weight.T + t.layers[0].bias)
+        # layer 2: neuron 0 never fires; neurons 1 and 2 read layer 1's neurons 0 and 3 against half their maxima
+        t.layers[1].weight.zero_()
+        t.layers[1].weight[1, 0] = t.layers[1].weight[2, 3] = 1.0
+        t.layers[1].bias.copy_(torch.stack([torch.tensor(-1e3, dtype=h.dtype), -h[:, 0].max() / 2, -h[:, 3].max() / 2]))
+    first, second = ecdist.identifiable(t, activation, X)
+    assert first.tolist() == [True, False, False, True]
+    assert second.tolist() == [False, True, True]
+    # what the mask claims: a dead neuron is zero on X, an always-on one is linear in x there
+    z = X @ t.layers[0].weight.detach().numpy().T + t.layers[0].bias.detach().numpy()
+    assert (z[:, 1] < 0).all() and (z[:, 2] > 0).all() and ((z[:, 0] > 0).any() and (z[:, 0] < 0).any())
+
+
+def test_identifiable_counts_every_neuron_of_a_smooth_teacher_and_checks_the_inputs():
+    t = ecdist.teachers.random_mlp([5, 4, 1], "softplus", seed=0)
+    with torch.no_grad():
+        t.layers[0].bias[1] = -1e3  # softplus is still not piecewise linear: its mask stays True
+    assert ecdist.identifiable(t, "softplus", ecdist.queries.gaussian(100, 5, seed=1))[0].all()
+    with pytest.raises(ecdist.TeacherError, match="X has 4 inputs"):
+        ecdist.identifiable(t, "softplus", np.zeros((3, 4)))
+
+
 # ----- errors before training ------------------------------------------------------------------------------
 BAD_TEACHERS = {
     "too few rows": (lambda X: np.zeros(len(X) - 1), "answered"),
