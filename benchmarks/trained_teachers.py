@@ -87,7 +87,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     # a ReLU neuron that is dead (or always on) on every query cannot be recovered by any method
     ident = ecdist.identifiable(tm, act, Q)
     seen = [int(m.sum()) for m in ident]
-    dists_seen = [d[m[: len(d)]] if len(d) == len(m) else d for d, m in zip(dists, ident)]
+    dists_seen = [d[m] if len(d) == len(m) else d for d, m in zip(dists, ident)]
     row = {
         "dataset": dataset, "activation": act, "r": hidden[0] if len(hidden) == 1 else hidden, "queries": kind,
         "n_queries": len(Q), "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
@@ -189,7 +189,7 @@ def subset_pair(args: argparse.Namespace) -> int:
     """Part (d) on a teacher trained on ``args.train_images`` images: plain, then augmented queries."""
     r = args.widths[0]
     path = args.out or _common.RESULTS / "trained_teachers_subset.json"
-    lm = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window)) if v is not None}
+    lm = lm_budget("tanh", args)
     pair = {}
     for kind in ("plain", "augmented"):
         pair[kind] = run_one("digits", r, "tanh", kind, args.device, args.threads, args.train_images, lm)
