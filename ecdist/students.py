@@ -301,11 +301,13 @@ class StudentPack:
         if t.shape[0] == 1:
             JtJ, g = self.normal_equations(X, Y, _two(t), chunk_elems)
             return JtJ[:1], g[:1]
+        if self.n_layers > 2 and not self.skip_path:
+            return self._normal_equations_deep(X, Y, t, chunk_elems)
         k, P = t.shape
         o = Y.shape[1]
         JtJ = torch.zeros(k, P, P, dtype=t.dtype, device=t.device)
         g = torch.zeros(k, P, dtype=t.dtype, device=t.device)
-        if self.n_layers != 2 or self.skip_path:
+        if self.skip_path:
             step = max(1, chunk_elems // (P * o))
             for s in range(0, X.shape[0], step):
                 J, out = self.jacobian(X[s : s + step], t)
@@ -315,11 +317,9 @@ class StudentPack:
             return JtJ, g
         d1, h = self.widths[0] + 1, self.widths[1]
         pw = h * d1  # hidden block columns, laid out (j, m)
-        jh, lh = torch.triu_indices(h, h, device=t.device)
-        jd, ld = torch.triu_indices(d1, d1, device=t.device)
         A = self.weight(1, t)  # (k, o, h)
-        H2 = len(jh)
-        R = torch.zeros(k, H2, len(jd), dtype=t.dtype, device=t.device)  # Σ pair(σ') ⊗ pair(x̃)
+        H2 = h * (h + 1) // 2
+        R = torch.zeros(k, H2, d1 * (d1 + 1) // 2, dtype=t.dtype, device=t.device)  # Σ pair(σ') ⊗ pair(x̃)
         T = torch.zeros(k, pw, h + 1, dtype=t.dtype, device=t.device)  # Σ σ'_j x̃_m ũ_q
         U = torch.zeros(k, h + 1, h + 1, dtype=t.dtype, device=t.device)  # Σ ũ ũᵀ
         gW = torch.zeros(k, h, d1, dtype=t.dtype, device=t.device)
@@ -332,27 +332,15 @@ class StudentPack:
             dz = self.act.grad(z).transpose(1, 2).contiguous()  # (k, h, nc)
             u = torch.cat([self.act.fn(z), torch.ones(k, nc, 1, dtype=t.dtype, device=t.device)], 2)
             r = torch.matmul(u, self.block(1, t).transpose(1, 2)) - Y[s : s + step]  # (k, nc, o)
-            pairs = torch.empty(k, H2, nc, dtype=t.dtype, device=t.device)
-            off = 0
-            for j in range(h):  # σ'_j σ'_l for l ≥ j, written in place (gathers are slow here)
-                torch.mul(dz[:, j : j + 1], dz[:, j:], out=pairs[:, off : off + h - j])
-                off += h - j
-            R.baddbmm_(pairs, (xt[:, jd] * xt[:, ld]).expand(k, nc, -1))
+            R.baddbmm_(_pair_products(dz, 1), _pair_products(xt, 1).expand(k, nc, -1))
             DX = (dz[:, :, None, :] * xt.T.contiguous()[None, None]).view(k, pw, nc)  # rows of J_W
             T.baddbmm_(DX, u)
             U.baddbmm_(u.transpose(1, 2), u)
             gW.baddbmm_(torch.bmm(r, A).transpose(1, 2) * dz, xt.expand(k, nc, -1))  # Σ_n (Σ_o r_o A_oj) σ'_j x̃_m
             gA.baddbmm_(r.transpose(1, 2), u)
         # unpack the symmetric pair sums into the (j, m) × (l, m') weight block
-        ph = torch.zeros(h, h, dtype=torch.long, device=t.device)
-        ph[jh, lh] = torch.arange(len(jh), device=t.device)
-        ph[lh, jh] = ph[jh, lh]
-        pd = torch.zeros(d1, d1, dtype=torch.long, device=t.device)
-        pd[jd, ld] = torch.arange(len(jd), device=t.device)
-        pd[ld, jd] = pd[jd, ld]
         M = torch.matmul(A.transpose(1, 2), A)  # (k, h, h): Σ_o A_oj A_ol
-        WW = R[:, ph[:, None, :, None], pd[None, :, None, :]]  # (k, h, d1, h, d1)
-        JtJ[:, :pw, :pw] = (WW * M[:, :, None, :, None]).reshape(k, pw, pw)
+        JtJ[:, :pw, :pw] = (_unpack_pairs(R, h, d1) * M[:, :, None, :, None]).reshape(k, pw, pw)
         # weight × output block: A_o'j · Σ_n σ'_j ũ_q x̃_m, laid out (j, m) × (o', q)
         WA = A.transpose(1, 2)[:, :, None, :, None] * T.view(k, h, d1, 1, h + 1)  # (k, h, d1, o, h+1)
         JtJ[:, :pw, pw:] = WA.reshape(k, pw, -1)
@@ -362,6 +350,75 @@ class StudentPack:
             JtJ[:, sl, sl] = U
         g[:, :pw] = gW.reshape(k, pw)
         g[:, pw:] = gA.reshape(k, -1)
+        return JtJ, g
+
+    def _normal_equations_deep(
+        self, X: torch.Tensor, Y: torch.Tensor, t: torch.Tensor, chunk_elems: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """JᵀJ and Jᵀr for two or more hidden layers without forming J.
+
+        Column (l, j, m) of J is δˡ_{noj}·ãˡ_{nm} (δˡ = ∂f_o/∂z_l, ã = [a; 1]), so the block of
+        layers l, l' is Σ_n Cₙ[j, j'] ãˡ_{nm} ãˡ'_{nm'} with Cₙ = Σ_o δˡ_{no}ᵀ δˡ'_{no}: one GEMM
+        over queries of C (n, h·h') by ãˡ ⊗ ãˡ' (n, d·d'), d_out times fewer flops than JᵀJ.
+        Diagonal blocks take symmetric pairs of both factors (a quarter of those), blocks
+        below the diagonal are mirrored, and the output layer's own block is one Gram of ã_L
+        per output, as in the one-hidden-layer path.
+        """
+        k, P = t.shape
+        o, L = Y.shape[1], self.n_layers - 1  # L: the output layer
+        dev, dt = t.device, t.dtype
+        d = [w + 1 for w in self.widths[:-1]]  # inputs of layer l, with the bias's 1
+        h = self.widths[1:]  # neurons of layer l (h[L] = d_out)
+        D2 = [n * (n + 1) // 2 for n in d]
+        H2 = [n * (n + 1) // 2 for n in h]
+        blocks = [(l, m) for l in range(L) for m in range(l, L + 1)]
+        R = {(l, m): torch.zeros(k, *((H2[l], D2[l]) if l == m else (h[l] * h[m], d[l] * d[m])), dtype=dt, device=dev)
+             for l, m in blocks}
+        U = torch.zeros(k, d[L], d[L], dtype=dt, device=dev)  # Σ ã_L ã_Lᵀ
+        gs = [torch.zeros(k, h[l], d[l], dtype=dt, device=dev) for l in range(L + 1)]
+        # work elements per query and student: the largest block's two factors, the δs and activations
+        per_query = max((H2[l] + D2[l]) if l == m else h[l] * h[m] + d[l] * d[m] for l, m in blocks)
+        step = max(1, chunk_elems // (per_query + o * sum(h[:L]) + sum(d)))
+        for s in range(0, X.shape[0], step):
+            xt = torch.cat([X[s : s + step], torch.ones(min(step, X.shape[0] - s), 1, dtype=dt, device=dev)], 1)
+            nc = xt.shape[0]
+            acts, dz = [xt.expand(k, nc, -1)], []
+            for l in range(L):
+                z = torch.matmul(acts[-1], self.block(l, t).transpose(1, 2))  # (k, nc, h_l)
+                dz.append(self.act.grad(z))
+                acts.append(torch.cat([self.act.fn(z), torch.ones(k, nc, 1, dtype=dt, device=dev)], 2))
+            r = torch.matmul(acts[L], self.block(L, t).transpose(1, 2)) - Y[s : s + step]  # (k, nc, o)
+            delta = [self.weight(L, t)[:, None] * dz[L - 1][:, :, None, :]]  # δˡ (k, nc, o, h_l), top down
+            for l in range(L - 2, -1, -1):
+                delta.insert(0, torch.matmul(delta[0], self.weight(l + 1, t)[:, None]) * dz[l][:, :, None, :])
+            for l, m in blocks:
+                if l == m:  # pairs j ≤ j' of C = δᵀδ and m ≤ m' of ã ⊗ ã
+                    C = torch.matmul(delta[l].transpose(2, 3), delta[l])  # (k, nc, h, h)
+                    Cp = torch.cat([C[:, :, j, j:] for j in range(h[l])], 2)
+                    Kp = _pair_products(xt, 1).expand(k, nc, -1) if l == 0 else _pair_products(acts[l], 2)
+                    R[l, m].baddbmm_(Cp.transpose(1, 2), Kp)
+                    continue
+                C = delta[l].transpose(2, 3) if m == L else torch.matmul(delta[l].transpose(2, 3), delta[m])
+                K = (acts[l][:, :, :, None] * acts[m][:, :, None, :]).reshape(k, nc, -1)
+                R[l, m].baddbmm_(C.reshape(k, nc, -1).transpose(1, 2), K)
+            U.baddbmm_(acts[L].transpose(1, 2), acts[L])
+            for l in range(L):  # Σ_n (Σ_o r_o δˡ_oj) ã_m
+                gs[l].baddbmm_(torch.matmul(r[:, :, None, :], delta[l]).squeeze(2).transpose(1, 2), acts[l])
+            gs[L].baddbmm_(r.transpose(1, 2), acts[L])
+        JtJ = torch.zeros(k, P, P, dtype=dt, device=dev)
+        at = [slice(s, e) for s, e, *_ in self._slices]
+        for l, m in blocks:
+            if l == m:
+                B = _unpack_pairs(R[l, m], h[l], d[l])  # (k, h, d, h, d)
+            else:
+                B = R[l, m].view(k, h[l], h[m], d[l], d[m]).permute(0, 1, 3, 2, 4)
+            JtJ[:, at[l], at[m]] = B.reshape(k, h[l] * d[l], h[m] * d[m])
+            if l != m:
+                JtJ[:, at[m], at[l]] = JtJ[:, at[l], at[m]].transpose(1, 2)
+        for oo in range(o):  # output rows do not interact: one ã_L-Gram block per output
+            sl = slice(at[L].start + oo * d[L], at[L].start + (oo + 1) * d[L])
+            JtJ[:, sl, sl] = U
+        g = torch.cat([x.reshape(k, -1) for x in gs], 1)
         return JtJ, g
 
     def layer_neurons(self, X: torch.Tensor, layer: int = 0) -> dict[str, np.ndarray]:
@@ -427,6 +484,36 @@ class StudentPack:
         if "lm_start" in state:
             pack.lm_run = {k: state[f"lm_{k}"] for k in ("start", "window", "since")}
         return pack
+
+
+def _pair_products(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """a_i·a_j for i ≤ j along ``dim``, in ``triu_indices`` order.
+
+    Written slice by slice into one buffer: gathers with index tensors are slow here.
+    """
+    n = a.shape[dim]
+    shape = list(a.shape)
+    shape[dim] = n * (n + 1) // 2
+    out = torch.empty(shape, dtype=a.dtype, device=a.device)
+    off = 0
+    for i in range(n):
+        torch.mul(a.narrow(dim, i, 1), a.narrow(dim, i, n - i), out=out.narrow(dim, off, n - i))
+        off += n - i
+    return out
+
+
+def _unpack_pairs(R: torch.Tensor, h: int, d: int) -> torch.Tensor:
+    """Sums over symmetric pairs (k, h(h+1)/2, d(d+1)/2) → the full block (k, h, d, h, d)."""
+
+    def index(n: int) -> torch.Tensor:
+        i, j = torch.triu_indices(n, n, device=R.device)
+        idx = torch.zeros(n, n, dtype=torch.long, device=R.device)
+        idx[i, j] = torch.arange(len(i), device=R.device)
+        idx[j, i] = idx[i, j]
+        return idx
+
+    ph, pd = index(h), index(d)
+    return R[:, ph[:, None, :, None], pd[None, :, None, :]]
 
 
 def _two(theta: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,23 @@ def test_normal_equations_general_path(skip, widths, chunk_elems):
     assert_rel_close(g, ref_g)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu", "g"])
+@pytest.mark.parametrize("widths", [[3, 5, 2, 1], [4, 3, 6, 2, 3]], ids=["2-hidden-1-out", "3-hidden"])
+@pytest.mark.parametrize("chunk_elems", [1, 300, 2**22])
+def test_normal_equations_deep_path_equals_JtJ(activation, widths, chunk_elems):
+    """The structured deep path (no J formed) against JᵀJ of the closed-form Jacobian, which
+    test_jacobian_matches_autograd checks; chunks of one query, a few and all of them."""
+    pack = random_pack(widths, activation, k=3, seed=17)
+    X, Y = random_X(29, widths[0], seed=18), random_X(29, widths[-1], seed=19)
+    JtJ, g = pack.normal_equations(X, Y, chunk_elems=chunk_elems)
+    ref_JtJ, ref_g = reference_normal_equations(pack, X, Y)
+    assert JtJ.shape == (3, pack.n_params, pack.n_params)
+    assert_rel_close(JtJ, ref_JtJ)
+    assert_rel_close(g, ref_g)
+    single, _ = pack.normal_equations(X, Y, pack.theta[1:2], chunk_elems=chunk_elems)  # a lone student
+    assert_rel_close(single[0], ref_JtJ[1])
+
+
 def test_normal_equations_for_a_subset_of_students():
     pack = random_pack([3, 5, 2], "gelu", k=4, seed=11)
     X, Y = random_X(30, 3, seed=12), random_X(30, 2, seed=13)
