@@ -1,0 +1,149 @@
+"""Cost of one Levenberg–Marquardt normal-equation build: the structured JᵀJ against JᵀJ from J.
+
+``StudentPack.normal_equations`` never forms the Jacobian J (n·d_out rows, P columns): the
+weight block of layers l, l' is one GEMM over queries of Cₙ = Σ_o δˡᵀδˡ' by ãˡ ⊗ ãˡ', with
+symmetric pairs on the diagonal blocks (the one-hidden-layer path also factors out AᵀA). The
+reference here is what the structured paths replace: J from the closed-form ``jacobian`` in
+query chunks, JᵀJ and Jᵀr by batched GEMM — d_out times more flops for the weight blocks.
+
+Cases: the students of ``trained_teachers.py`` (ρ = 2, 10 outputs; digits with its 2 constant
+border pixels masked → 62 inputs): shallow digits r = 16, deep digits 64-16-16-10 and MNIST-1D
+40-12-12-12-10. Each case: k students, n Gaussian queries, the two sides alternated ``--repeats``
+times (each side's fastest kept, all runs in the JSON), float64, one torch thread on the CPU.
+Also the structured build once at the trained-teacher query count (digits 5,752, MNIST-1D
+16,000): seconds per student and LM iteration; and the largest relative difference between the
+two results.
+
+Run:  python benchmarks/normal_equations.py [--quick] [--device cuda]
+Out:  benchmarks/results/normal_equations.json and .png (``--out FILE`` elsewhere)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import _common
+import torch
+
+from ecdist.bench.common import alternated, load_average
+from ecdist.students import StudentPack
+
+# (name, student widths, queries of the trained-teacher benchmark)
+CASES = [
+    ("digits 62-32-10 (r=16)", [62, 32, 10], 5752),
+    ("digits 62-32-32-10 (deep 16-16)", [62, 32, 32, 10], 5752),
+    ("MNIST-1D 40-24-24-24-10 (deep 12-12-12)", [40, 24, 24, 24, 10], 16000),
+]
+
+
+def from_jacobian(pack: StudentPack, X: torch.Tensor, Y: torch.Tensor, chunk_elems: int = 2**18):
+    """JᵀJ and Jᵀr with J formed, chunk by chunk (the general path before the structured ones)."""
+    k, P = pack.theta.shape
+    o = Y.shape[1]
+    JtJ = torch.zeros(k, P, P, dtype=X.dtype, device=X.device)
+    g = torch.zeros(k, P, dtype=X.dtype, device=X.device)
+    step = max(1, chunk_elems // (P * o))
+    for s in range(0, X.shape[0], step):
+        J, out = pack.jacobian(X[s : s + step])
+        r = (out - Y[s : s + step]).reshape(k, -1, 1)
+        JtJ.baddbmm_(J.transpose(1, 2), J)
+        g.add_(torch.bmm(J.transpose(1, 2), r).squeeze(-1))
+    return JtJ, g
+
+
+def measure(widths: list[int], n: int, k: int, repeats: int, device: str, explicit: bool = True) -> dict:
+    """Both builds on k students and n queries, alternated; ``explicit=False``: the structured one alone."""
+    pack = StudentPack.init(widths, "tanh", list(range(k)), seed=0, device=device)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(n, widths[0], generator=gen, dtype=torch.float64).to(device)
+    Y = torch.randn(n, widths[-1], generator=gen, dtype=torch.float64).to(device)
+    results = {}
+
+    def timed(name, fn):
+        def run():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            results[name] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        return run
+
+    if not explicit:
+        return {"structured_best_s": min(alternated(repeats, timed("structured", lambda: pack.normal_equations(X, Y)))[0])}
+    structured, from_j = alternated(
+        repeats, timed("structured", lambda: pack.normal_equations(X, Y)), timed("explicit", lambda: from_jacobian(pack, X, Y))
+    )
+    (A, a), (B, b) = results["structured"], results["explicit"]
+    rel = max(((A - B).abs().max() / B.abs().max()).item(), ((a - b).abs().max() / b.abs().max()).item())
+    return {
+        "widths": widths, "params_per_student": pack.n_params, "students": k, "queries": n,
+        "structured_s": structured, "explicit_s": from_j,
+        "structured_best_s": min(structured), "explicit_best_s": min(from_j),
+        "ratio": min(from_j) / min(structured),
+        "max_rel_difference": rel,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer queries and one repeat")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--students", type=int, default=4)
+    ap.add_argument("--queries", type=int, default=1000, help="queries per build (the cost is linear in it)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    n, repeats = (200, 1) if args.quick else (args.queries, args.repeats)
+    rows = []
+    for name, widths, n_full in CASES:
+        row = {"case": name, **measure(widths, n, args.students, repeats, args.device)}
+        if not args.quick:
+            full = measure(widths, n_full, args.students, 1, args.device, explicit=False)
+            row |= {"trained_teacher_queries": n_full,
+                    "s_per_student_iteration": full["structured_best_s"] / args.students}
+        rows.append(row)
+        per = f"; {row['s_per_student_iteration']:.2f} s per student-iteration at n={n_full}" if not args.quick else ""
+        print(f"{name:42s} P={row['params_per_student']:5d}  structured {row['structured_best_s']:7.2f} s  "
+              f"explicit {row['explicit_best_s']:7.2f} s  ×{row['ratio']:.1f}  (rel. diff "
+              f"{row['max_rel_difference']:.1e}{per})", flush=True)
+    path = args.out or _common.RESULTS / ("normal_equations_quick.json" if args.quick else "normal_equations.json")
+    out = {"benchmark": "normal_equations", "machine": _common.machine_info(), "device": args.device,
+           "load_average": load_average(), "rows": rows}
+    _common.write_json(path, out)
+    plot(out, path.with_suffix(".png"))
+    return 0
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["rows"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    x = range(len(rows))
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], [r["explicit_best_s"] for r in rows], w, label="JᵀJ from J", color="C3")
+    ax.bar([i + w / 2 for i in x], [r["structured_best_s"] for r in rows], w, label="structured", color="C0")
+    for i, r in enumerate(rows):
+        ax.annotate(f"×{r['ratio']:.1f}", (i + w / 2, r["structured_best_s"]), ha="center", va="bottom", fontsize=9)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [f"{r['case']}\nP={r['params_per_student']}" for r in rows], fontsize=8)
+    ax.set_ylabel(f"s per build ({rows[0]['students']} students,\n{rows[0]['queries']} queries)")
+    ax.set_title(f"normal equations, float64, {out['device']} ({'1 thread' if out['device'] == 'cpu' else 'GPU'})",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
