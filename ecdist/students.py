@@ -407,11 +407,12 @@ class StudentPack:
             gs[L].baddbmm_(r.transpose(1, 2), acts[L])
         JtJ = torch.zeros(k, P, P, dtype=dt, device=dev)
         at = [slice(s, e) for s, e, *_ in self._slices]
-        for l, m in blocks:
+        for l, m in blocks:  # each sum freed once placed: at most about 2 P² per student at a time
+            Rb = R.pop((l, m))
             if l == m:
-                B = _unpack_pairs(R[l, m], h[l], d[l])  # (k, h, d, h, d)
+                B = _unpack_pairs(Rb, h[l], d[l])  # (k, h, d, h, d)
             else:
-                B = R[l, m].view(k, h[l], h[m], d[l], d[m]).permute(0, 1, 3, 2, 4)
+                B = Rb.view(k, h[l], h[m], d[l], d[m]).permute(0, 1, 3, 2, 4)
             JtJ[:, at[l], at[m]] = B.reshape(k, h[l] * d[l], h[m] * d[m])
             if l != m:
                 JtJ[:, at[m], at[l]] = JtJ[:, at[l], at[m]].transpose(1, 2)
