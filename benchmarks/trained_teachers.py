@@ -15,6 +15,8 @@ MSE on the held-out test images.
 For ReLU also the teacher neurons the queries can reveal at all (``ecdist.identifiable``: a
 neuron dead or always on over every query is left out) and the overhead and worst 1 − |cos|
 over those (``*_identifiable``); for the other activations these equal the plain figures.
+A teacher whose recovery stops with ``RecoveryError`` (no cluster in a layer the next one needs)
+is a row too: ``recovered`` null and the ``error``.
 
 Part (c), deep teachers (``--deep digits:16-16 mnist1d:12-12-12``), reports the recovered width,
 overhead and worst 1 − |cos| of every layer; their students get DEEP_LM_BUDGET. One LM iteration
@@ -160,7 +162,14 @@ def main() -> int:
                  for d in args.deep for a in args.activations]
         args.skip_plain = True
     for ds, r, a in cases:
-        rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm_budget(a, args, bool(args.deep))))
+        t0 = time.perf_counter()
+        try:
+            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm_budget(a, args, bool(args.deep))))
+        except ecdist.RecoveryError as e:  # a teacher that is not recovered is a result too
+            rows.append({"dataset": ds, "activation": a, "r": r, "queries": "augmented", "recovered": None,
+                         "error": str(e), "lm_budget": lm_budget(a, args, bool(args.deep)),
+                         "seconds": time.perf_counter() - t0})
+            print(f"{ds:8s} {a:8s} r={r}: not recovered: {e} [{rows[-1]['seconds']:.0f} s]", flush=True)
         _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows
     if args.skip_plain:
         _common.write_json(path, {"benchmark": "trained_teachers", "machine": _common.machine_info(),
@@ -170,7 +179,7 @@ def main() -> int:
     aug = [x for x in rows if x["dataset"] == "digits" and x["activation"] == "tanh" and x["r"] == plain[0]["r"]]
     if not aug:
         aug = [run_one("digits", plain[0]["r"], "tanh", "augmented", args.device, args.threads)]
-    shallow = list(rows)
+    shallow, done = list(rows), [x for x in rows if x["recovered"] is not None]
     out = {
         "benchmark": "trained_teachers",
         "machine": _common.machine_info(),
@@ -179,9 +188,10 @@ def main() -> int:
         "plain_vs_augmented": {"plain": plain[0], "augmented": aug[0]},
         "summary": {
             "teachers": len(shallow),
-            "exact_width": sum(x["recovered"] == x["r"] for x in shallow),
-            "overhead_at_most_5pct": sum(x["overhead"] <= 0.05 for x in shallow),
-            "all_neurons_within_1e-3": sum(x["worst_1_minus_cos"] < 1e-3 for x in shallow),
+            "not_recovered": len(shallow) - len(done),
+            "exact_width": sum(x["recovered"] == x["r"] for x in done),
+            "overhead_at_most_5pct": sum(x["overhead"] <= 0.05 for x in done),
+            "all_neurons_within_1e-3": sum(x["worst_1_minus_cos"] < 1e-3 for x in done),
         },
     }
     _common.write_json(path, out)
@@ -267,7 +277,7 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = out["shallow"]
+    rows = [x for x in out["shallow"] if x["recovered"] is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{x['dataset'][:2]} {x['activation']} {x['r']}" for x in rows]
     ax1.bar(range(len(rows)), [100 * x["overhead"] for x in rows])
