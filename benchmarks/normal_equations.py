@@ -3,8 +3,8 @@
 ``StudentPack.normal_equations`` never forms the Jacobian J (n·d_out rows, P columns): the
 weight block of layers l, l' is one GEMM over queries of Cₙ = Σ_o δˡᵀδˡ' by ãˡ ⊗ ãˡ', with
 symmetric pairs on the diagonal blocks (the one-hidden-layer path also factors out AᵀA). The
-reference here is what the structured paths replace: J from the closed-form ``jacobian`` in
-query chunks, JᵀJ and Jᵀr by batched GEMM — d_out times more flops for the weight blocks.
+reference here is what the structured paths replace, ``normal_equations_from_jacobian``: J from
+the closed-form ``jacobian`` in query chunks, JᵀJ and Jᵀr by batched GEMM — d_out times more flops for the weight blocks.
 
 Cases: the students of ``trained_teachers.py`` (ρ = 2, 10 outputs; digits with its 2 constant
 border pixels masked → 62 inputs): shallow digits r = 16, deep digits 64-16-16-10 and MNIST-1D
@@ -38,21 +38,6 @@ CASES = [
 ]
 
 
-def from_jacobian(pack: StudentPack, X: torch.Tensor, Y: torch.Tensor, chunk_elems: int = 2**18):
-    """JᵀJ and Jᵀr with J formed, chunk by chunk (the general path before the structured ones)."""
-    k, P = pack.theta.shape
-    o = Y.shape[1]
-    JtJ = torch.zeros(k, P, P, dtype=X.dtype, device=X.device)
-    g = torch.zeros(k, P, dtype=X.dtype, device=X.device)
-    step = max(1, chunk_elems // (P * o))
-    for s in range(0, X.shape[0], step):
-        J, out = pack.jacobian(X[s : s + step])
-        r = (out - Y[s : s + step]).reshape(k, -1, 1)
-        JtJ.baddbmm_(J.transpose(1, 2), J)
-        g.add_(torch.bmm(J.transpose(1, 2), r).squeeze(-1))
-    return JtJ, g
-
-
 def measure(widths: list[int], n: int, k: int, repeats: int, device: str, explicit: bool = True) -> dict:
     """Both builds on k students and n queries, alternated; ``explicit=False``: the structured one alone."""
     pack = StudentPack.init(widths, "tanh", list(range(k)), seed=0, device=device)
@@ -75,7 +60,7 @@ def measure(widths: list[int], n: int, k: int, repeats: int, device: str, explic
     if not explicit:
         return {"structured_best_s": min(alternated(repeats, timed("structured", lambda: pack.normal_equations(X, Y)))[0])}
     structured, from_j = alternated(
-        repeats, timed("structured", lambda: pack.normal_equations(X, Y)), timed("explicit", lambda: from_jacobian(pack, X, Y))
+        repeats, timed("structured", lambda: pack.normal_equations(X, Y)), timed("explicit", lambda: pack.normal_equations_from_jacobian(X, Y))
     )
     (A, a), (B, b) = results["structured"], results["explicit"]
     rel = max(((A - B).abs().max() / B.abs().max()).item(), ((a - b).abs().max() / b.abs().max()).item())

@@ -162,12 +162,12 @@ def main() -> int:
                  for d in args.deep for a in args.activations]
         args.skip_plain = True
     for ds, r, a in cases:
-        t0 = time.perf_counter()
+        t0, lm = time.perf_counter(), lm_budget(a, args, bool(args.deep))
         try:
-            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm_budget(a, args, bool(args.deep))))
+            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm))
         except ecdist.RecoveryError as e:  # a teacher that is not recovered is a result too
             rows.append({"dataset": ds, "activation": a, "r": r, "queries": "augmented", "recovered": None,
-                         "error": str(e), "lm_budget": lm_budget(a, args, bool(args.deep)),
+                         "error": str(e), "lm_budget": lm,
                          "seconds": time.perf_counter() - t0})
             print(f"{ds:8s} {a:8s} r={r}: not recovered: {e} [{rows[-1]['seconds']:.0f} s]", flush=True)
         _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows

@@ -301,20 +301,14 @@ class StudentPack:
         if t.shape[0] == 1:
             JtJ, g = self.normal_equations(X, Y, _two(t), chunk_elems)
             return JtJ[:1], g[:1]
-        if self.n_layers > 2 and not self.skip_path:
+        if self.skip_path:
+            return self.normal_equations_from_jacobian(X, Y, t, chunk_elems)
+        if self.n_layers > 2:
             return self._normal_equations_deep(X, Y, t, chunk_elems)
         k, P = t.shape
         o = Y.shape[1]
         JtJ = torch.zeros(k, P, P, dtype=t.dtype, device=t.device)
         g = torch.zeros(k, P, dtype=t.dtype, device=t.device)
-        if self.skip_path:
-            step = max(1, chunk_elems // (P * o))
-            for s in range(0, X.shape[0], step):
-                J, out = self.jacobian(X[s : s + step], t)
-                r = (out - Y[s : s + step]).reshape(k, -1, 1)
-                JtJ.baddbmm_(J.transpose(1, 2), J)
-                g.add_(torch.bmm(J.transpose(1, 2), r).squeeze(-1))
-            return JtJ, g
         d1, h = self.widths[0] + 1, self.widths[1]
         pw = h * d1  # hidden block columns, laid out (j, m)
         A = self.weight(1, t)  # (k, o, h)
@@ -350,6 +344,24 @@ class StudentPack:
             JtJ[:, sl, sl] = U
         g[:, :pw] = gW.reshape(k, pw)
         g[:, pw:] = gA.reshape(k, -1)
+        return JtJ, g
+
+    def normal_equations_from_jacobian(
+        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = 2**18
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """JᵀJ and Jᵀr from J itself (``jacobian``), query chunk by chunk: the skip path's way, and
+        what the structured paths are measured against (benchmarks/normal_equations.py)."""
+        t = self.theta if theta is None else theta
+        k, P = t.shape
+        o = Y.shape[1]
+        JtJ = torch.zeros(k, P, P, dtype=t.dtype, device=t.device)
+        g = torch.zeros(k, P, dtype=t.dtype, device=t.device)
+        step = max(1, chunk_elems // (P * o))
+        for s in range(0, X.shape[0], step):
+            J, out = self.jacobian(X[s : s + step], t)
+            r = (out - Y[s : s + step]).reshape(k, -1, 1)
+            JtJ.baddbmm_(J.transpose(1, 2), J)
+            g.add_(torch.bmm(J.transpose(1, 2), r).squeeze(-1))
         return JtJ, g
 
     def _normal_equations_deep(
