@@ -30,12 +30,21 @@ augmented = the same generators on those N images only; the held-out test set st
 Sized for a CPU: digits 64-8-10 on 400 images (610 parameters, 570 once the 5 pixels constant
 on those images are masked) → ``results/trained_teachers_subset.json`` and ``.png``.
 
-Run:  python benchmarks/trained_teachers.py [--quick] [--device cuda] [--out FILE]
+The rows come from several machines and sessions (one teacher takes minutes on a GPU and up to
+hours on one CPU core). ``--collect`` gathers the rows of the result files named in SOURCES into one
+table over the cases the issue asks for — ``results/trained_teachers_table.json`` and ``.png`` —
+with each case's verdict, the row it comes from, and the cases not measured yet. Where a case has
+rows run with different LM budgets, the row with the script's current budget (``lm_budget``) counts,
+the newest file first; the others stay in the table as ``superseded``.
+
+Run:  python benchmarks/trained_teachers.py [--quick] [--device cuda] [--out FILE] [--runs DIR]
       python benchmarks/trained_teachers.py --train-images 400 --widths 8 --threads 1
+      python benchmarks/trained_teachers.py --collect
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,6 +54,7 @@ import numpy as np
 
 import ecdist
 from ecdist import datasets, queries, teachers
+from ecdist.students import ACTIVE
 
 ACTIVATIONS = ("g", "tanh", "sigmoid", "softplus", "relu")
 RHO, N_STUDENTS = 2, 10
@@ -54,6 +64,12 @@ LM_BUDGET = {"g": {"lm_max_iter": 1500, "stall_window": 300}}
 # deep students too: on the 6-4-3-1 tanh teacher of tests/test_deep.py (8 students 12-9) the default
 # budget left 5 of 8 students below 1e-14 relative MSE (one at 1e-6), this one 7 of 8 (6 at ~1e-16)
 DEEP_LM_BUDGET = {"lm_max_iter": 1500, "stall_window": 300}
+DEFAULT_LM = {"lm_max_iter": ecdist.Config.lm_max_iter, "stall_window": ecdist.Config.stall_window}
+# the result files --collect reads, oldest first (a newer file's row wins a case)
+SOURCES = ("trained_teachers_gpu.json", "trained_teachers_mnist1d_cpu.json", "trained_teachers_cpu.json",
+           "trained_teachers_deep_cpu.json")
+SHALLOW_WIDTHS = (8, 16, 32)
+DEEP_CASES = (("digits", [16, 16]), ("mnist1d", [12, 12, 12]))  # part (c)
 
 
 def query_set(t: teachers.TrainedTeacher, kind: str, seed: int) -> np.ndarray:
@@ -71,10 +87,28 @@ def lm_budget(act: str, args: argparse.Namespace, deep: bool = False) -> dict:
     return (DEEP_LM_BUDGET if deep else LM_BUDGET.get(act, {})) | given
 
 
+def log_steps(every: int = 50):
+    """A progress callback for long runs in a log file: one line per ``every`` training steps
+    (stage, step, best and median relative MSE, students converged or stalled)."""
+    t0 = time.perf_counter()
+
+    def report(event: str, info: dict) -> None:
+        if event == "train" and "step" in info and info["step"] % every == 0:
+            losses, status = np.asarray(info["losses"]), np.asarray(info["status"])
+            print(f"  [{time.perf_counter() - t0:7.0f} s] layer {info.get('layer', 1)} {info['phase']} "
+                  f"step {info['step']}: best {losses.min():.1e} median {np.median(losses):.1e} "
+                  f"finished {int((status != ACTIVE).sum())}/{len(status)}", flush=True)
+        elif event in ("resume", "cluster", "reconstruct"):
+            print(f"  [{time.perf_counter() - t0:7.0f} s] {event} {info}", flush=True)
+    return report
+
+
 def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int,
-            train_images: int | None = None, lm: dict | None = None) -> dict:
+            train_images: int | None = None, lm: dict | None = None, runs: Path | None = None) -> dict:
     """One teacher [d_in, *hidden, 10] (trained on train_images images, None: all): train it,
-    recover it, compare layer by layer. lm: Config fields of the LM budget (None: the defaults)."""
+    recover it, compare layer by layer. lm: Config fields of the LM budget (None: the defaults);
+    runs: a folder for the run folders (one per teacher), so that a stopped run resumes where its
+    packs' checkpoints left it when the same command runs again."""
     hidden = [hidden] if isinstance(hidden, int) else list(hidden)
     t0 = time.perf_counter()
     d_in = 64 if dataset == "digits" else 40
@@ -88,7 +122,10 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     teacher_sizes = [int(mask.sum()), *hidden, 10]
     cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0, backend="local",
                         device=device, threads=threads, lm_max_params=max(2500, P), **(lm or {}))
-    res = ecdist.recover(tm, Q, cfg)
+    arch = "-".join(map(str, hidden))
+    out = runs / f"{dataset}-{act}-{arch}-{kind}" if runs is not None else None
+    resumed = out is not None and out.exists()
+    res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
     dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
     # a ReLU neuron that is dead (or always on) on every query cannot be recovered by any method
@@ -122,7 +159,8 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")},
         "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
     }
-    arch = "-".join(map(str, hidden))
+    if out is not None:  # the time of this process only when it resumed a stopped run
+        row |= {"run_folder": str(out), "resumed": resumed, "steps_resumed_from": res.plan["packs_resumed_from"]}
     print(f"{dataset:8s} {act:8s} r={arch:>8s} {kind:9s}: {row['recovered']} "
           f"({row['overhead']}) worst {row['worst_1_minus_cos']:.1e} fmse {row['functional_rel_mse_test']:.1e} "
           f"[{row['seconds']:.0f} s]", flush=True)
@@ -143,9 +181,16 @@ def main() -> int:
                     help="deep teachers only (part c), e.g. digits:16-16 mnist1d:12-12-12")
     ap.add_argument("--train-images", type=int, default=None, metavar="N",
                     help="part (d) only, on a digits tanh teacher (r = first of --widths) trained on N images")
+    ap.add_argument("--collect", nargs="*", type=Path, default=None, metavar="FILE",
+                    help="gather the rows of result files (default: SOURCES in results/) into one table")
+    ap.add_argument("--runs", type=Path, default=None, metavar="DIR",
+                    help="keep each teacher's run folder in DIR; the same command again resumes stopped runs")
     ap.add_argument("--lm-max-iter", type=int, default=None, help="Config.lm_max_iter (default: LM_BUDGET, else Config's)")
     ap.add_argument("--stall-window", type=int, default=None, help="Config.stall_window (default: LM_BUDGET, else Config's)")
     args = ap.parse_args()
+    if args.collect is not None:
+        return collect(args.collect or [_common.RESULTS / f for f in SOURCES],
+                       args.out or _common.RESULTS / "trained_teachers_table.json")
     if args.train_images is not None:
         try:  # a bad N fails here, before any training
             datasets.load_dataset("digits").subset(args.train_images)
@@ -164,7 +209,7 @@ def main() -> int:
     for ds, r, a in cases:
         t0, lm = time.perf_counter(), lm_budget(a, args, bool(args.deep))
         try:
-            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm))
+            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm, runs=args.runs))
         except ecdist.RecoveryError as e:  # a teacher that is not recovered is a result too
             rows.append({"dataset": ds, "activation": a, "r": r, "queries": "augmented", "recovered": None,
                          "error": str(e), "lm_budget": lm,
@@ -227,6 +272,136 @@ def subset_pair(args: argparse.Namespace) -> int:
     plot_pair(out, path.with_suffix(".png"))
     print(out["summary"])
     return 0
+
+
+def verdict(row: dict) -> str:
+    """What a row shows against the issue's bar: "exact" (every layer's width equals the teacher's
+    and every teacher neuron has 1 − |cos| < 1e-3), "exact_identifiable" (the same for the neurons the
+    queries can reveal: a ReLU neuron dead on every query cannot be recovered), "within_bound"
+    (shallow: overhead ≤ 5%; deep: every width within +1; neurons < 1e-3), "wrong" or "not_recovered"."""
+    if row.get("recovered") is None:
+        return "not_recovered"
+    r, got = np.atleast_1d(row["r"]), np.atleast_1d(row["recovered"])
+    seen = np.atleast_1d(row.get("identifiable_r", row["r"]))
+    worst = row["worst_1_minus_cos"]
+    worst_seen = row.get("worst_1_minus_cos_identifiable", worst)
+    if np.array_equal(got, r) and worst < 1e-3:
+        return "exact"
+    if np.array_equal(got, seen) and worst_seen < 1e-3:
+        return "exact_identifiable"
+    over = got - seen
+    bound = (over >= 0) & ((over <= 1) if len(r) > 1 else (over / seen <= 0.05))
+    return "within_bound" if bool(np.all(bound)) and worst_seen < 1e-3 else "wrong"
+
+
+def collect(sources: list[Path], path: Path) -> int:
+    """One table over the issue's cases from the rows of ``sources`` (oldest first): see the module
+    docstring. Writes ``path`` and its ``.png``."""
+    rows = []
+    for order, src in enumerate(sources):
+        data = json.loads(src.read_text())
+        for row in data.get("shallow", []) + data.get("deep", []):
+            deep = isinstance(row["r"], list)
+            rows.append(row | {
+                "source": src.name, "order": order,
+                "device": "cuda" if "gpu" in src.name else "cpu",
+                "lm_budget": row.get("lm_budget") or DEFAULT_LM,
+                "current_budget": (row.get("lm_budget") or DEFAULT_LM)
+                == DEFAULT_LM | (DEEP_LM_BUDGET if deep else LM_BUDGET.get(row["activation"], {})),
+                "verdict": verdict(row),
+            })
+    asked = [(ds, [r], a) for ds in ("digits", "mnist1d") for a in ACTIVATIONS for r in SHALLOW_WIDTHS]
+    asked += [(ds, list(r), a) for ds, r in DEEP_CASES for a in ("g", "tanh")]
+    extra = sorted({(x["dataset"], tuple(np.atleast_1d(x["r"]).tolist()), x["activation"]) for x in rows}
+                   - {(ds, tuple(r), a) for ds, r, a in asked})
+    cases = []
+    for ds, r, a in asked + [(ds, list(r), a) for ds, r, a in extra]:
+        mine = [x for x in rows if x["dataset"] == ds and x["activation"] == a
+                and np.atleast_1d(x["r"]).tolist() == r]
+        mine.sort(key=lambda x: (x["current_budget"], x["order"]), reverse=True)
+        case = {"dataset": ds, "activation": a, "r": r, "asked": (ds, r, a) in asked,
+                "verdict": mine[0]["verdict"] if mine else "not_measured"}
+        if mine:
+            best = mine[0]
+            case |= {k: best.get(k) for k in (
+                "recovered", "identifiable_r", "worst_1_minus_cos", "worst_1_minus_cos_identifiable",
+                "functional_rel_mse_test", "students_median_rel_mse", "seconds", "device", "lm_budget",
+                "current_budget", "source", "command")}
+            case["superseded"] = [{k: x.get(k) for k in ("source", "device", "recovered", "lm_budget", "verdict")}
+                                  for x in mine[1:]]
+        cases.append(case)
+    counts: dict[str, dict[str, int]] = {}
+    for c in cases:
+        if c["asked"]:
+            part = "deep" if len(c["r"]) > 1 else "shallow"
+            counts.setdefault(part, {}).setdefault(c["verdict"], 0)
+            counts[part][c["verdict"]] += 1
+    out = {"benchmark": "trained_teachers_table", "machine": _common.machine_info(),
+           "sources": [s.name for s in sources], "summary": counts, "cases": cases}
+    _common.write_json(path, out)
+    plot_table(out, path.with_suffix(".png"))
+    for part, n in counts.items():
+        print(f"{part}: " + ", ".join(f"{v} {k}" for k, v in sorted(n.items())))
+    return 0
+
+
+VERDICT_COLOURS = {"exact": "#4caf50", "exact_identifiable": "#8bc34a", "within_bound": "#cddc39",
+                   "wrong": "#f44336", "not_recovered": "#b71c1c", "not_measured": "#e0e0e0"}
+
+
+def plot_table(out: dict, path: Path) -> None:
+    """The cases as coloured cells: activation × width per data set, then the deep teachers; each
+    cell says the recovered width(s), the worst 1 − |cos| and where it ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    cases = out["cases"]
+    shallow = [c for c in cases if len(c["r"]) == 1]
+    deep = [c for c in cases if len(c["r"]) > 1]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [3, 3, 2.6]})
+
+    def cell(ax, x, y, c):
+        ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, color=VERDICT_COLOURS[c["verdict"]], ec="white"))
+        if c["verdict"] == "not_measured":
+            ax.text(x, y, "—", ha="center", va="center", fontsize=8)
+            return
+        got = "not rec." if c["recovered"] is None else "-".join(map(str, np.atleast_1d(c["recovered"])))
+        seen = c.get("identifiable_r") or c["r"]
+        if c["recovered"] is not None and np.atleast_1d(seen).tolist() != c["r"]:  # ReLU: dead neurons left out
+            got += f" ({'-'.join(map(str, np.atleast_1d(seen)))} seen)"
+        w = c.get("worst_1_minus_cos_identifiable") or c.get("worst_1_minus_cos")
+        worst = "" if c["recovered"] is None else f"\n{w:.0e}"
+        ax.text(x, y, f"{got}{worst}\n{c['device']}", ha="center", va="center", fontsize=7)
+
+    for ax, ds in zip(axes[:2], ("digits", "mnist1d")):
+        mine = [c for c in shallow if c["dataset"] == ds]
+        widths = sorted({c["r"][0] for c in mine})
+        acts = [a for a in ACTIVATIONS if any(c["activation"] == a for c in mine)]
+        for c in mine:
+            cell(ax, widths.index(c["r"][0]), acts.index(c["activation"]), c)
+        ax.set_xticks(range(len(widths)), [f"r = {w}" for w in widths])
+        ax.set_yticks(range(len(acts)), acts)
+        ax.set_xlim(-0.5, len(widths) - 0.5)
+        ax.set_ylim(len(acts) - 0.5, -0.5)
+        ax.set_title(f"{ds} {'64' if ds == 'digits' else '40'}-r-10: recovered, worst 1−|cos| (seen neurons)",
+                     fontsize=9)
+    ax = axes[2]
+    for i, c in enumerate(deep):
+        cell(ax, 0, i, c)
+    ax.set_xticks([])
+    ax.set_yticks(range(len(deep)), [f"{c['dataset']} {'-'.join(map(str, c['r']))} {c['activation']}"
+                                     + ("" if c["asked"] else " *") for c in deep], fontsize=8)
+    ax.set_xlim(-0.5, 0.5)
+    ax.set_ylim(len(deep) - 0.5, -0.5)
+    ax.set_title("deep teachers (* smaller than asked)", fontsize=9)
+    fig.legend(handles=[Patch(color=v, label=k.replace("_", " ")) for k, v in VERDICT_COLOURS.items()],
+               loc="lower center", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_pair(out: dict, path: Path) -> None:

@@ -1,0 +1,79 @@
+"""``benchmarks/trained_teachers.py --collect``: one table over the issue's cases from result files
+written on different machines and sessions."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "trained_teachers.py"
+
+
+def row(dataset, act, r, recovered, worst, **extra):
+    return {"dataset": dataset, "activation": act, "r": r, "recovered": recovered, "worst_1_minus_cos": worst,
+            "functional_rel_mse_test": 1e-31, "students_median_rel_mse": 1e-17, "seconds": 1.0} | extra
+
+
+def collect(tmp_path: Path, *files: dict) -> dict:
+    paths = []
+    for i, data in enumerate(files):
+        paths.append(tmp_path / f"trained_teachers_{'gpu' if i == 0 else f'cpu{i}'}.json")
+        paths[-1].write_text(json.dumps(data))
+    out = tmp_path / "table.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--collect", *map(str, paths), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    assert out.with_suffix(".png").stat().st_size > 0
+    return json.loads(out.read_text())
+
+
+def case(table: dict, dataset: str, act: str, r: list[int]) -> dict:
+    (c,) = [c for c in table["cases"] if (c["dataset"], c["activation"], c["r"]) == (dataset, act, r)]
+    return c
+
+
+def test_every_asked_case_is_listed_and_unmeasured_ones_say_so(tmp_path):
+    table = collect(tmp_path, {"shallow": [row("digits", "tanh", 8, 8, 1e-16)]})
+    asked = [c for c in table["cases"] if c["asked"]]
+    assert len(asked) == 2 * 5 * 3 + 2 * 2  # digits and MNIST-1D × 5 activations × r ∈ {8,16,32}; 4 deep
+    assert case(table, "digits", "tanh", [8])["verdict"] == "exact"
+    assert case(table, "mnist1d", "relu", [32])["verdict"] == "not_measured"
+    assert table["summary"]["shallow"] == {"exact": 1, "not_measured": 29}
+    assert table["summary"]["deep"] == {"not_measured": 4}
+
+
+def test_the_current_budget_wins_then_the_newer_file(tmp_path):
+    long = {"lm_max_iter": 1500, "stall_window": 300}
+    old = {"shallow": [row("digits", "g", 8, 9, 0.8), row("digits", "tanh", 16, 15, 0.5)]}  # default budget
+    new = {"shallow": [row("digits", "g", 8, 8, 2e-16, lm_budget=long), row("digits", "tanh", 16, 16, 2e-16)]}
+    newer_default = {"shallow": [row("digits", "g", 8, 7, 0.9)]}  # newer, but not the script's g budget
+    table = collect(tmp_path, old, new, newer_default)
+    g = case(table, "digits", "g", [8])
+    assert (g["recovered"], g["verdict"], g["lm_budget"]) == (8, "exact", long)
+    assert sorted(x["recovered"] for x in g["superseded"]) == [7, 9]
+    t = case(table, "digits", "tanh", [16])
+    assert (t["recovered"], t["verdict"], t["source"]) == (16, "exact", "trained_teachers_cpu1.json")
+
+
+VERDICTS = [  # one case each: (dataset, activation, r, recovered, worst, extra fields, verdict)
+    ("digits", "tanh", 8, 8, 2e-4, {}, "exact"),
+    ("digits", "sigmoid", 8, 8, 2e-3, {}, "wrong"),  # the right width with a neuron off by more than 1e-3
+    ("digits", "relu", 8, 7, 0.6, {"identifiable_r": 7, "worst_1_minus_cos_identifiable": 1e-16},
+     "exact_identifiable"),
+    ("digits", "relu", 16, 14, 0.6, {"identifiable_r": 15, "worst_1_minus_cos_identifiable": 0.6}, "wrong"),
+    ("digits", "tanh", 32, 33, 1e-16, {}, "within_bound"),  # +3%
+    ("digits", "sigmoid", 32, 34, 1e-16, {}, "wrong"),  # +6%
+    ("digits", "g", 8, None, None, {}, "not_recovered"),
+    ("digits", "tanh", [16, 16], [16, 17], 1e-16, {}, "within_bound"),  # deep: every layer within +1
+    ("digits", "g", [16, 16], [16, 18], 1e-16, {}, "wrong"),
+    ("mnist1d", "tanh", [12, 12, 12], [11, 12, 12], 1e-16, {}, "wrong"),
+]
+
+
+def test_verdicts(tmp_path):
+    shallow = [row(ds, a, r, got, w, **x) for ds, a, r, got, w, x, _ in VERDICTS if not isinstance(r, list)]
+    deep = [row(ds, a, r, got, w, **x) for ds, a, r, got, w, x, _ in VERDICTS if isinstance(r, list)]
+    table = collect(tmp_path, {"shallow": shallow, "deep": deep})
+    got = [case(table, ds, a, r if isinstance(r, list) else [r])["verdict"] for ds, a, r, *_ in VERDICTS]
+    assert got == [v[-1] for v in VERDICTS]
