@@ -90,12 +90,16 @@ def lm_budget(act: str, args: argparse.Namespace, deep: bool = False) -> dict:
 def log_steps(every: int = 50):
     """A progress callback for long runs in a log file: one line per ``every`` training steps
     (stage, step, best and median relative MSE, students converged or stalled)."""
-    t0 = time.perf_counter()
+    t0, printed = time.perf_counter(), set()
 
     def report(event: str, info: dict) -> None:
         if event == "train" and "step" in info and info["step"] % every == 0:
+            key = (info.get("pack"), info.get("layer", 1), info["phase"], info["step"])
+            if key in printed:  # on Ray the driver polls the actors: the same step arrives again
+                return
+            printed.add(key)
             losses, status = np.asarray(info["losses"]), np.asarray(info["status"])
-            print(f"  [{time.perf_counter() - t0:7.0f} s] layer {info.get('layer', 1)} {info['phase']} "
+            print(f"  [{time.perf_counter() - t0:7.0f} s] pack {info.get('pack')} layer {info.get('layer', 1)} {info['phase']} "
                   f"step {info['step']}: best {losses.min():.1e} median {np.median(losses):.1e} "
                   f"finished {int((status != ACTIVE).sum())}/{len(status)}", flush=True)
         elif event in ("resume", "cluster", "reconstruct"):
@@ -104,11 +108,13 @@ def log_steps(every: int = 50):
 
 
 def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int,
-            train_images: int | None = None, lm: dict | None = None, runs: Path | None = None) -> dict:
+            train_images: int | None = None, lm: dict | None = None, runs: Path | None = None,
+            execution: dict | None = None) -> dict:
     """One teacher [d_in, *hidden, 10] (trained on train_images images, None: all): train it,
     recover it, compare layer by layer. lm: Config fields of the LM budget (None: the defaults);
     runs: a folder for the run folders (one per teacher), so that a stopped run resumes where its
-    packs' checkpoints left it when the same command runs again."""
+    packs' checkpoints left it when the same command runs again; execution: Config fields that
+    only say where the students train (backend, pack_size), which a resumed run may change."""
     hidden = [hidden] if isinstance(hidden, int) else list(hidden)
     t0 = time.perf_counter()
     d_in = 64 if dataset == "digits" else 40
@@ -120,8 +126,9 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     sizes = [int(mask.sum()), *widths, 10]
     P = sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:]))
     teacher_sizes = [int(mask.sum()), *hidden, 10]
-    cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0, backend="local",
-                        device=device, threads=threads, lm_max_params=max(2500, P), **(lm or {}))
+    cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0,
+                        device=device, threads=threads, lm_max_params=max(2500, P),
+                        **({"backend": "local"} | (execution or {}) | (lm or {})))
     arch = "-".join(map(str, hidden))
     out = runs / f"{dataset}-{act}-{arch}-{kind}" if runs is not None else None
     resumed = out is not None and out.exists()
@@ -185,6 +192,10 @@ def main() -> int:
                     help="gather the rows of result files (default: SOURCES in results/) into one table")
     ap.add_argument("--runs", type=Path, default=None, metavar="DIR",
                     help="keep each teacher's run folder in DIR; the same command again resumes stopped runs")
+    ap.add_argument("--backend", default="local", choices=["local", "ray"],
+                    help="local: packs one after another in this process; ray: one actor per pack on a local Ray")
+    ap.add_argument("--pack-size", type=int, default=0,
+                    help="students per pack (a resumed run needs the split its checkpoints have)")
     ap.add_argument("--lm-max-iter", type=int, default=None, help="Config.lm_max_iter (default: LM_BUDGET, else Config's)")
     ap.add_argument("--stall-window", type=int, default=None, help="Config.stall_window (default: LM_BUDGET, else Config's)")
     args = ap.parse_args()
@@ -209,7 +220,8 @@ def main() -> int:
     for ds, r, a in cases:
         t0, lm = time.perf_counter(), lm_budget(a, args, bool(args.deep))
         try:
-            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm, runs=args.runs))
+            rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm, runs=args.runs,
+                                execution={"backend": args.backend, "pack_size": args.pack_size}))
         except ecdist.RecoveryError as e:  # a teacher that is not recovered is a result too
             rows.append({"dataset": ds, "activation": a, "r": r, "queries": "augmented", "recovered": None,
                          "error": str(e), "lm_budget": lm,
