@@ -80,11 +80,15 @@ def query_set(t: teachers.TrainedTeacher, kind: str, seed: int) -> np.ndarray:
     return np.vstack([X, queries.signed_noise(X, seed=seed), grid])
 
 
+def script_budget(act: str, deep: bool) -> dict:
+    """The LM fields this script sets for ``act``: DEEP_LM_BUDGET for deep teachers, else LM_BUDGET's."""
+    return DEEP_LM_BUDGET if deep else LM_BUDGET.get(act, {})
+
+
 def lm_budget(act: str, args: argparse.Namespace, deep: bool = False) -> dict:
-    """The LM fields of Config for ``act``: LM_BUDGET (DEEP_LM_BUDGET for deep teachers),
-    overridden by --lm-max-iter / --stall-window."""
+    """The LM fields of Config for ``act``: ``script_budget``, overridden by --lm-max-iter / --stall-window."""
     given = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window)) if v is not None}
-    return (DEEP_LM_BUDGET if deep else LM_BUDGET.get(act, {})) | given
+    return script_budget(act, deep) | given
 
 
 def log_steps(every: int = 50):
@@ -313,13 +317,12 @@ def collect(sources: list[Path], path: Path) -> int:
     for order, src in enumerate(sources):
         data = json.loads(src.read_text())
         for row in data.get("shallow", []) + data.get("deep", []):
-            deep = isinstance(row["r"], list)
+            budget = row.get("lm_budget") or DEFAULT_LM  # rows from before LM budgets were recorded: the defaults
             rows.append(row | {
                 "source": src.name, "order": order,
                 "device": "cuda" if "gpu" in src.name else "cpu",
-                "lm_budget": row.get("lm_budget") or DEFAULT_LM,
-                "current_budget": (row.get("lm_budget") or DEFAULT_LM)
-                == DEFAULT_LM | (DEEP_LM_BUDGET if deep else LM_BUDGET.get(row["activation"], {})),
+                "lm_budget": budget,
+                "current_budget": budget == DEFAULT_LM | script_budget(row["activation"], isinstance(row["r"], list)),
                 "verdict": verdict(row),
             })
     asked = [(ds, [r], a) for ds in ("digits", "mnist1d") for a in ACTIVATIONS for r in SHALLOW_WIDTHS]
@@ -381,10 +384,11 @@ def plot_table(out: dict, path: Path) -> None:
             ax.text(x, y, "—", ha="center", va="center", fontsize=8)
             return
         got = "not rec." if c["recovered"] is None else "-".join(map(str, np.atleast_1d(c["recovered"])))
-        seen = c.get("identifiable_r") or c["r"]
+        seen = c["r"] if c.get("identifiable_r") is None else c["identifiable_r"]
         if c["recovered"] is not None and np.atleast_1d(seen).tolist() != c["r"]:  # ReLU: dead neurons left out
             got += f" ({'-'.join(map(str, np.atleast_1d(seen)))} seen)"
-        w = c.get("worst_1_minus_cos_identifiable") or c.get("worst_1_minus_cos")
+        w = c.get("worst_1_minus_cos_identifiable")
+        w = c["worst_1_minus_cos"] if w is None else w  # a worst of exactly 0 is a value, not a missing one
         worst = "" if c["recovered"] is None else f"\n{w:.0e}"
         ax.text(x, y, f"{got}{worst}\n{c['device']}", ha="center", va="center", fontsize=7)
 
