@@ -74,7 +74,11 @@ def test_label_parquet_equals_query(tmp_path):
     out = ecdist.teachers.label_parquet(black_box, tmp_path / "X.parquet", tmp_path / "Y.parquet", batch_rows=512)
     Y = pq.read_table(out)
     assert Y.column_names == ["y0", "y1"] and max(seen) <= 512 and sum(seen) == 2500
-    np.testing.assert_array_equal(np.column_stack([Y["y0"], Y["y1"]]), ecdist.teachers.query(teacher(), X))
+    # the same rows in the same batches: a GEMM's rounding may depend on how many rows it gets
+    # (it does on some CPUs), so the whole X at once need not match to the last bit
+    batches = np.split(X, np.cumsum(seen)[:-1])
+    expected = np.vstack([ecdist.teachers.query(teacher(), b) for b in batches])
+    np.testing.assert_array_equal(np.column_stack([Y["y0"], Y["y1"]]), expected)
 
 
 def test_label_parquet_leaves_no_file_when_a_row_is_bad(tmp_path):
