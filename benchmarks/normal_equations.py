@@ -8,7 +8,8 @@ the closed-form ``jacobian`` in query chunks, JᵀJ and Jᵀr by batched GEMM �
 
 Cases: the students of ``trained_teachers.py`` (ρ = 2, 10 outputs; digits with its 2 constant
 border pixels masked → 62 inputs): shallow digits r = 16, deep digits 64-16-16-10 and MNIST-1D
-40-12-12-12-10. Each case: k students, n Gaussian queries, the two sides alternated ``--repeats``
+40-12-12-12-10; and the network that reconstruction fine-tunes for a ReLU MNIST-1D r = 16 teacher
+(16 neurons with the affine skip path, which the one-hidden-layer path also sums without J). Each case: k students, n Gaussian queries, the two sides alternated ``--repeats``
 times (each side's fastest kept, all runs in the JSON), float64, one torch thread on the CPU.
 Also the structured build once at the trained-teacher query count (digits 5,752, MNIST-1D
 16,000): seconds per student and LM iteration; and the largest relative difference between the
@@ -30,17 +31,27 @@ import torch
 from ecdist.bench.common import alternated, load_average
 from ecdist.students import StudentPack
 
-# (name, student widths, queries of the trained-teacher benchmark)
+# (name, widths, queries of the trained-teacher benchmark, affine skip path)
 CASES = [
-    ("digits 62-32-10 (r=16)", [62, 32, 10], 5752),
-    ("digits 62-32-32-10 (deep 16-16)", [62, 32, 32, 10], 5752),
-    ("MNIST-1D 40-24-24-24-10 (deep 12-12-12)", [40, 24, 24, 24, 10], 16000),
+    ("digits 62-32-10 (r=16)", [62, 32, 10], 5752, False),
+    ("digits 62-32-32-10 (deep 16-16)", [62, 32, 32, 10], 5752, False),
+    ("MNIST-1D 40-24-24-24-10 (deep 12-12-12)", [40, 24, 24, 24, 10], 16000, False),
+    ("MNIST-1D 40-16-10 + skip (ReLU reconstruction)", [40, 16, 10], 16000, True),
 ]
 
 
-def measure(widths: list[int], n: int, k: int, repeats: int, device: str, explicit: bool = True) -> dict:
-    """Both builds on k students and n queries, alternated; ``explicit=False``: the structured one alone."""
-    pack = StudentPack.init(widths, "tanh", list(range(k)), seed=0, device=device)
+def measure(
+    widths: list[int], n: int, k: int, repeats: int, device: str, explicit: bool = True, skip: bool = False
+) -> dict:
+    """Both builds on k students and n queries, alternated; ``explicit=False``: the structured one alone.
+
+    ``skip``: ReLU networks with the affine path, as reconstruction fine-tunes them for the
+    even+linear classes (its prune refits one such network per tried removal).
+    """
+    pack = StudentPack.init(widths, "relu" if skip else "tanh", list(range(k)), seed=0, device=device)
+    if skip:
+        S = 0.1 * torch.randn(k, widths[0] * widths[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        pack = StudentPack(torch.cat([pack.theta, S.to(device)], 1), widths, "relu", list(range(k)), skip=True)
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(n, widths[0], generator=gen, dtype=torch.float64).to(device)
     Y = torch.randn(n, widths[-1], generator=gen, dtype=torch.float64).to(device)
@@ -86,10 +97,10 @@ def main() -> int:
         torch.set_num_threads(1)
     n, repeats = (200, 1) if args.quick else (args.queries, args.repeats)
     rows = []
-    for name, widths, n_full in CASES:
-        row = {"case": name, **measure(widths, n, args.students, repeats, args.device)}
+    for name, widths, n_full, skip in CASES:
+        row = {"case": name, "skip": skip, **measure(widths, n, args.students, repeats, args.device, skip=skip)}
         if not args.quick:
-            full = measure(widths, n_full, args.students, 1, args.device, explicit=False)
+            full = measure(widths, n_full, args.students, 1, args.device, explicit=False, skip=skip)
             row |= {"trained_teacher_queries": n_full,
                     "s_per_student_iteration": full["structured_best_s"] / args.students}
         rows.append(row)

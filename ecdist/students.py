@@ -293,7 +293,9 @@ class StudentPack:
         One hidden layer takes a structured path that never forms J: the weight block of JᵀJ is
         Σ_n (σ'_j σ'_l)(AᵀA)_jl · x̃_m x̃_m', so symmetric pair products of σ' (k, h(h+1)/2, n)
         times those of x̃ (n, (d+1)(d+2)/2) give it in one GEMM shared by all students — about
-        a quarter of the flops of JᵀJ. Deeper networks and the skip path use ``jacobian``.
+        a quarter of the flops of JᵀJ. The affine skip path S adds the input x beside ũ = [σ; 1]
+        in the same sums (its columns are [o = o'] x_m, like the output layer's). Deeper
+        networks take ``_normal_equations_deep``; deep networks have no skip path.
         Queries are summed in chunks of ``chunk_elems`` work elements *per student*, so the
         rounding — and the training path — of a student does not depend on its pack's size.
         """
@@ -301,9 +303,9 @@ class StudentPack:
         if t.shape[0] == 1:
             JtJ, g = self.normal_equations(X, Y, _two(t), chunk_elems)
             return JtJ[:1], g[:1]
-        if self.skip_path:
-            return self.normal_equations_from_jacobian(X, Y, t, chunk_elems)
         if self.n_layers > 2:
+            if self.skip_path:
+                return self.normal_equations_from_jacobian(X, Y, t, chunk_elems)
             return self._normal_equations_deep(X, Y, t, chunk_elems)
         k, P = t.shape
         o = Y.shape[1]
@@ -311,39 +313,49 @@ class StudentPack:
         g = torch.zeros(k, P, dtype=t.dtype, device=t.device)
         d1, h = self.widths[0] + 1, self.widths[1]
         pw = h * d1  # hidden block columns, laid out (j, m)
+        pa = pw + o * (h + 1)  # then the output layer's, (o, q); then the skip path's, (o, m)
+        e = h + 1 + (d1 - 1 if self.skip_path else 0)  # the output layer's inputs v = [ũ; x]
         A = self.weight(1, t)  # (k, o, h)
         H2 = h * (h + 1) // 2
         R = torch.zeros(k, H2, d1 * (d1 + 1) // 2, dtype=t.dtype, device=t.device)  # Σ pair(σ') ⊗ pair(x̃)
-        T = torch.zeros(k, pw, h + 1, dtype=t.dtype, device=t.device)  # Σ σ'_j x̃_m ũ_q
-        U = torch.zeros(k, h + 1, h + 1, dtype=t.dtype, device=t.device)  # Σ ũ ũᵀ
+        T = torch.zeros(k, pw, e, dtype=t.dtype, device=t.device)  # Σ σ'_j x̃_m v_q
+        U = torch.zeros(k, e, e, dtype=t.dtype, device=t.device)  # Σ v vᵀ
         gW = torch.zeros(k, h, d1, dtype=t.dtype, device=t.device)
-        gA = torch.zeros(k, o, h + 1, dtype=t.dtype, device=t.device)
+        gA = torch.zeros(k, o, e, dtype=t.dtype, device=t.device)
+        out_w = torch.cat([self.block(1, t), self.skip(t)], 2) if self.skip_path else self.block(1, t)
         step = max(1, chunk_elems // (H2 + pw))
         for s in range(0, X.shape[0], step):
             xt = torch.cat([X[s : s + step], torch.ones(min(step, X.shape[0] - s), 1, dtype=t.dtype, device=t.device)], 1)
             nc = xt.shape[0]
             z = torch.matmul(xt, self.block(0, t).transpose(1, 2))  # (k, nc, h)
             dz = self.act.grad(z).transpose(1, 2).contiguous()  # (k, h, nc)
-            u = torch.cat([self.act.fn(z), torch.ones(k, nc, 1, dtype=t.dtype, device=t.device)], 2)
-            r = torch.matmul(u, self.block(1, t).transpose(1, 2)) - Y[s : s + step]  # (k, nc, o)
+            v = [self.act.fn(z), torch.ones(k, nc, 1, dtype=t.dtype, device=t.device)]
+            v = torch.cat(v + [X[s : s + step].expand(k, nc, -1)] if self.skip_path else v, 2)
+            r = torch.matmul(v, out_w.transpose(1, 2)) - Y[s : s + step]  # (k, nc, o)
             R.baddbmm_(_pair_products(dz, 1), _pair_products(xt, 1).expand(k, nc, -1))
             DX = (dz[:, :, None, :] * xt.T.contiguous()[None, None]).view(k, pw, nc)  # rows of J_W
-            T.baddbmm_(DX, u)
-            U.baddbmm_(u.transpose(1, 2), u)
+            T.baddbmm_(DX, v)
+            U.baddbmm_(v.transpose(1, 2), v)
             gW.baddbmm_(torch.bmm(r, A).transpose(1, 2) * dz, xt.expand(k, nc, -1))  # Σ_n (Σ_o r_o A_oj) σ'_j x̃_m
-            gA.baddbmm_(r.transpose(1, 2), u)
+            gA.baddbmm_(r.transpose(1, 2), v)
         # unpack the symmetric pair sums into the (j, m) × (l, m') weight block
         M = torch.matmul(A.transpose(1, 2), A)  # (k, h, h): Σ_o A_oj A_ol
         JtJ[:, :pw, :pw] = (_unpack_pairs(R, h, d1) * M[:, :, None, :, None]).reshape(k, pw, pw)
-        # weight × output block: A_o'j · Σ_n σ'_j ũ_q x̃_m, laid out (j, m) × (o', q)
-        WA = A.transpose(1, 2)[:, :, None, :, None] * T.view(k, h, d1, 1, h + 1)  # (k, h, d1, o, h+1)
-        JtJ[:, :pw, pw:] = WA.reshape(k, pw, -1)
+        # weight × output (and skip) blocks: A_o'j · Σ_n σ'_j x̃_m v_q, laid out (j, m) × (o', q)
+        WA = A.transpose(1, 2)[:, :, None, :, None] * T.view(k, h, d1, 1, e)  # (k, h, d1, o, e)
+        JtJ[:, :pw, pw:pa] = WA[..., : h + 1].reshape(k, pw, -1)
+        JtJ[:, :pw, pa:] = WA[..., h + 1 :].reshape(k, pw, -1)
         JtJ[:, pw:, :pw] = JtJ[:, :pw, pw:].transpose(1, 2)
-        for oo in range(o):  # output rows do not interact: one ũ-Gram block per output
-            sl = slice(pw + oo * (h + 1), pw + (oo + 1) * (h + 1))
-            JtJ[:, sl, sl] = U
+        at = [(pw + oo * (h + 1), pw + (oo + 1) * (h + 1), pa + oo * (e - h - 1), pa + (oo + 1) * (e - h - 1)) for oo in range(o)]
+        for a0, a1, s0, s1 in at:  # output rows do not interact: one v-Gram block per output
+            JtJ[:, a0:a1, a0:a1] = U[:, : h + 1, : h + 1]
+            if self.skip_path:
+                JtJ[:, a0:a1, s0:s1] = U[:, : h + 1, h + 1 :]
+                JtJ[:, s0:s1, a0:a1] = U[:, h + 1 :, : h + 1]
+                JtJ[:, s0:s1, s0:s1] = U[:, h + 1 :, h + 1 :]
         g[:, :pw] = gW.reshape(k, pw)
-        g[:, pw:] = gA.reshape(k, -1)
+        g[:, pw:pa] = gA[..., : h + 1].reshape(k, -1)
+        g[:, pa:] = gA[..., h + 1 :].reshape(k, -1)
         return JtJ, g
 
     def normal_equations_from_jacobian(

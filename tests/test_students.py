@@ -149,9 +149,12 @@ def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-12) -> No
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus", "gelu", "relu", "leaky_relu", "g"])
 @pytest.mark.parametrize("d_out", [1, 3])
-def test_normal_equations_fast_path_equals_JtJ(activation, d_out):
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_normal_equations_fast_path_equals_JtJ(activation, d_out, skip):
+    """The structured one-hidden-layer path, with and without the affine skip path (which
+    reconstruction fine-tunes for the even+linear classes), against JᵀJ of the Jacobian."""
     widths = [3, 4, d_out]
-    pack = random_pack(widths, activation, k=3, seed=2)
+    pack = random_pack(widths, activation, k=3, seed=2, skip=skip)
     X = random_X(50, 3, seed=3)
     Y = random_X(50, d_out, seed=4)
     JtJ, g = pack.normal_equations(X, Y)
@@ -159,15 +162,19 @@ def test_normal_equations_fast_path_equals_JtJ(activation, d_out):
     assert JtJ.shape == (3, pack.n_params, pack.n_params) and g.shape == (3, pack.n_params)
     assert_rel_close(JtJ, ref_JtJ)
     assert_rel_close(g, ref_g)
+    single, g1 = pack.normal_equations(X, Y, pack.theta[2:3])  # a lone student, as reconstruction has
+    assert_rel_close(single[0], ref_JtJ[2])
+    assert_rel_close(g1[0], ref_g[2])
 
 
 @pytest.mark.parametrize("step", [1, 7, 13, 49, 50, 1000])
-def test_normal_equations_fast_path_chunking(step):
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_normal_equations_fast_path_chunking(step, skip):
     """Chunks that split the 50 queries unevenly (7, 13, 49) give the same sums as one chunk."""
     widths = [3, 4, 2]
     k, h, d1 = 3, 4, 4
     per_query = k * (h * (h + 1) // 2 + h * d1)  # the fast path's elements per query
-    pack = random_pack(widths, "tanh", k=k, seed=5)
+    pack = random_pack(widths, "tanh", k=k, seed=5, skip=skip)
     X, Y = random_X(50, 3, seed=6), random_X(50, 2, seed=7)
     JtJ, g = pack.normal_equations(X, Y, chunk_elems=step * per_query)
     ref_JtJ, ref_g = reference_normal_equations(pack, X, Y)
@@ -175,7 +182,9 @@ def test_normal_equations_fast_path_chunking(step):
     assert_rel_close(g, ref_g)
 
 
-@pytest.mark.parametrize("skip,widths", [(False, [2, 3, 4, 2]), (True, [3, 4, 2])], ids=["deep", "skip"])
+@pytest.mark.parametrize(
+    "skip,widths", [(False, [2, 3, 4, 2]), (True, [3, 4, 2]), (True, [2, 3, 4, 2])], ids=["deep", "skip", "deep-skip"]
+)
 @pytest.mark.parametrize("chunk_elems", [1, 500, 2**22])
 def test_normal_equations_general_path(skip, widths, chunk_elems):
     pack = random_pack(widths, "softplus", k=2, seed=8, skip=skip)
