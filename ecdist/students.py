@@ -361,8 +361,9 @@ class StudentPack:
     def normal_equations_from_jacobian(
         self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = 2**18
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """JᵀJ and Jᵀr from J itself (``jacobian``), query chunk by chunk: the skip path's way, and
-        what the structured paths are measured against (benchmarks/normal_equations.py)."""
+        """JᵀJ and Jᵀr from J itself (``jacobian``), query chunk by chunk: what the structured paths
+        are measured against (benchmarks/normal_equations.py), and the way of a deep network with
+        a skip path, which ecdist never builds."""
         t = self.theta if theta is None else theta
         k, P = t.shape
         o = Y.shape[1]
