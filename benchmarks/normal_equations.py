@@ -9,9 +9,7 @@ the closed-form ``jacobian`` in query chunks, JᵀJ and Jᵀr by batched GEMM �
 Cases: the students of ``trained_teachers.py`` (ρ = 2, 10 outputs; digits with its 2 constant
 border pixels masked → 62 inputs): shallow digits r = 16, deep digits 64-16-16-10 and MNIST-1D
 40-12-12-12-10; and the network that reconstruction fine-tunes for a ReLU MNIST-1D r = 16 teacher
-(16 neurons with the affine skip path, which the one-hidden-layer path also sums without J) —
-for it also one network alone, computed as a pair (the students' rule, see ``students._two``) and
-without (``lone_as_pair = False``, what reconstruction's refits use). Each case: k students, n Gaussian queries, the two sides alternated ``--repeats``
+(16 neurons with the affine skip path, which the one-hidden-layer path also sums without J). Each case: k students, n Gaussian queries, the two sides alternated ``--repeats``
 times (each side's fastest kept, all runs in the JSON), float64, one torch thread on the CPU.
 Also the structured build once at the trained-teacher query count (digits 5,752, MNIST-1D
 16,000): seconds per student and LM iteration; and the largest relative difference between the
@@ -77,19 +75,13 @@ def measure(
     )
     (A, a), (B, b) = results["structured"], results["explicit"]
     rel = max(((A - B).abs().max() / B.abs().max()).item(), ((a - b).abs().max() / b.abs().max()).item())
-    row = {
+    return {
         "widths": widths, "params_per_student": pack.n_params, "students": k, "queries": n,
         "structured_s": structured, "explicit_s": from_j,
         "structured_best_s": min(structured), "explicit_best_s": min(from_j),
         "ratio": min(from_j) / min(structured),
         "max_rel_difference": rel,
     }
-    if skip:  # reconstruction's one network: computed as a pair (students' rule) or alone (its own)
-        lone = [StudentPack(pack.theta[:1].clone(), widths, "relu", [0], skip=True) for _ in range(2)]
-        lone[1].lone_as_pair = False
-        paired, alone = alternated(repeats, *(timed(f"lone{i}", lambda p=p: p.normal_equations(X, Y)) for i, p in enumerate(lone)))
-        row |= {"lone_paired_best_s": min(paired), "lone_alone_best_s": min(alone), "lone_ratio": min(paired) / min(alone)}
-    return row
 
 
 def main() -> int:
@@ -113,9 +105,7 @@ def main() -> int:
                     "s_per_student_iteration": full["structured_best_s"] / args.students}
         rows.append(row)
         per = f"; {row['s_per_student_iteration']:.2f} s per student-iteration at n={n_full}" if not args.quick else ""
-        if skip:
-            per += f"; one network as a pair {row['lone_paired_best_s']:.2f} s, alone {row['lone_alone_best_s']:.2f} s"
-        print(f"{name:48s} P={row['params_per_student']:5d}  structured {row['structured_best_s']:7.2f} s  "
+        print(f"{name:42s} P={row['params_per_student']:5d}  structured {row['structured_best_s']:7.2f} s  "
               f"explicit {row['explicit_best_s']:7.2f} s  ×{row['ratio']:.1f}  (rel. diff "
               f"{row['max_rel_difference']:.1e}{per})", flush=True)
     path = args.out or _common.RESULTS / ("normal_equations_quick.json" if args.quick else "normal_equations.json")

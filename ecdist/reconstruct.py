@@ -123,7 +123,6 @@ def finetune(
         parts.append(S.ravel())
     theta = torch.as_tensor(np.concatenate(parts)[None], dtype=X.dtype, device=X.device)
     pack = StudentPack(theta, [d_in, K, d_out], activation, [0], skip=S is not None)
-    pack.lone_as_pair = False  # one network: nothing to round alike with
     if iters:
         fit_lm(pack, X, Y, LMOptions(max_iter=iters, tol=0.0, stall_window=10, stall_level=1e-30, restarts=0))
     else:
@@ -147,7 +146,6 @@ def finetune_network(
     parts = [b.ravel() for b in blocks] + [np.hstack([A, c[:, None]]).ravel()]
     theta = torch.as_tensor(np.concatenate(parts)[None], dtype=X.dtype, device=X.device)
     pack = StudentPack(theta, widths, activation, [0])
-    pack.lone_as_pair = False
     if iters:
         fit_lm(pack, X, Y, LMOptions(max_iter=iters, tol=0.0, stall_window=10, stall_level=1e-30, restarts=0))
     else:

@@ -109,10 +109,6 @@ class StudentPack:
         # an LM run in progress: its first step, the recent losses and each student's start,
         # kept with the pack so that a checkpoint resumes it exactly (None: no run started)
         self.lm_run: dict[str, np.ndarray] | None = None
-        # a lone student is computed as a pair (see _two) so that students round alike however
-        # they are packed; reconstruction's single network has no packing to agree with and
-        # turns this off, which halves the cost of its refits
-        self.lone_as_pair = True
         self._slices = self._layout()
 
     # ----- construction and layout -------------------------------------------------------
@@ -192,7 +188,7 @@ class StudentPack:
         With ``keep`` also returns the pre-activations of every hidden layer (for Jacobians).
         """
         t = self.theta if theta is None else theta
-        if t.shape[0] == 1 and self.lone_as_pair:  # see _two: a lone student is computed as a pair
+        if t.shape[0] == 1:  # see _two: a lone student is computed as a pair
             out, zs = self.forward(X, _two(t), keep=True)
             return (out[:1], [z[:1] for z in zs]) if keep else out[:1]
         h: torch.Tensor = X
@@ -225,7 +221,7 @@ class StudentPack:
         derivative taken from its value where that is cheaper. Together about a fifth faster
         than autograd on the stacked Adam step (benchmarks/scaling_students.py).
         """
-        if theta.shape[0] == 1 and self.lone_as_pair:  # see _two
+        if theta.shape[0] == 1:  # see _two
             pair = torch.empty_like(_two(grad))
             loss = self.loss_grad(X, Y, _two(theta), pair)
             grad.copy_(pair[:1])
@@ -304,7 +300,7 @@ class StudentPack:
         rounding — and the training path — of a student does not depend on its pack's size.
         """
         t = self.theta if theta is None else theta
-        if t.shape[0] == 1 and self.lone_as_pair:
+        if t.shape[0] == 1:
             JtJ, g = self.normal_equations(X, Y, _two(t), chunk_elems)
             return JtJ[:1], g[:1]
         if self.n_layers > 2:

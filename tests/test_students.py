@@ -165,28 +165,6 @@ def test_normal_equations_fast_path_equals_JtJ(activation, d_out, skip):
     single, g1 = pack.normal_equations(X, Y, pack.theta[2:3])  # a lone student, as reconstruction has
     assert_rel_close(single[0], ref_JtJ[2])
     assert_rel_close(g1[0], ref_g[2])
-    pack.lone_as_pair = False  # reconstruction's way: not computed as a pair
-    single, g1 = pack.normal_equations(X, Y, pack.theta[2:3])
-    assert_rel_close(single[0], ref_JtJ[2])
-    assert_rel_close(g1[0], ref_g[2])
-
-
-@pytest.mark.parametrize("widths,skip", [([3, 4, 2], False), ([3, 4, 2], True), ([3, 4, 3, 2], False)])
-def test_a_lone_student_unpaired_computes_what_paired_does(widths, skip):
-    """``lone_as_pair = False`` (reconstruction's single network) takes batch-of-one kernels:
-    outputs, loss and gradient and the normal equations agree with the paired path to rounding."""
-    paired = random_pack(widths, "softplus", k=1, seed=30, skip=skip)
-    alone = StudentPack(paired.theta.clone(), widths, "softplus", paired.ids, skip=skip)
-    alone.lone_as_pair = False
-    X, Y = random_X(40, widths[0], seed=31), random_X(40, widths[-1], seed=32)
-    assert_rel_close(alone.forward(X), paired.forward(X))
-    grads = [torch.empty_like(paired.theta) for _ in range(2)]
-    losses = [p.loss_grad(X, Y, p.theta, g) for p, g in ((alone, grads[0]), (paired, grads[1]))]
-    assert_rel_close(losses[0], losses[1])
-    assert_rel_close(grads[0], grads[1])
-    for a, b in zip(alone.normal_equations(X, Y), paired.normal_equations(X, Y)):
-        assert a.shape == b.shape
-        assert_rel_close(a, b)
 
 
 @pytest.mark.parametrize("step", [1, 7, 13, 49, 50, 1000])
