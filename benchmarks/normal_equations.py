@@ -9,8 +9,9 @@ the closed-form ``jacobian`` in query chunks, JᵀJ and Jᵀr by batched GEMM �
 Cases: the students of ``trained_teachers.py`` (ρ = 2, 10 outputs; digits with its 2 constant
 border pixels masked → 62 inputs): shallow digits r = 16, deep digits 64-16-16-10 and MNIST-1D
 40-12-12-12-10; and the network that reconstruction fine-tunes for a ReLU MNIST-1D r = 16 teacher
-(16 neurons with the affine skip path, which the one-hidden-layer path also sums without J). Each case: k students, n Gaussian queries, the two sides alternated ``--repeats``
-times (each side's fastest kept, all runs in the JSON), float64, one torch thread on the CPU.
+(16 neurons with the affine skip path, which the one-hidden-layer path also sums without J).
+Each case: k students, n Gaussian queries, the two sides alternated ``--repeats`` times (each
+side's fastest kept, all runs in the JSON), float64, one torch thread on the CPU.
 Also the structured build once at the trained-teacher query count (digits 5,752, MNIST-1D
 16,000): seconds per student and LM iteration; and the largest relative difference between the
 two results.
