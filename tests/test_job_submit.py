@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_job_agent(port: int, head: subprocess.Popen, deadline_s: float = 300) -> None:
+    """Poll the head's dashboard agent until its health check answers.
+
+    "Ray runtime started" comes before the agent, which runs jobs, is up; the job head waits
+    only 10 s for it and then refuses a submission ("No available agent to submit job") — seen
+    on this 2-core machine with both cores busy. The agent registers itself right after its HTTP
+    server starts, so an answer here means a submission will find it.
+    """
+    url = f"http://127.0.0.1:{port}/api/local_raylet_healthz"
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with {head.returncode} before its job agent came up")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # refused or reset: not listening yet
+            pass
+        time.sleep(0.2)  # a readiness poll: the condition above decides, not this pause
+    pytest.fail(f"the dashboard agent did not answer {url} within {deadline_s:.0f} s")
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` in its own temp dir; stopped (with all it started) at the end."""
@@ -34,11 +59,12 @@ def ray_head(tmp_path_factory):
 
     ray.shutdown()  # this process must not hold another Ray
     temp = tmp_path_factory.mktemp("rayhead")
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+         "--num-cpus=2", f"--temp-dir={temp}",
          "--disable-usage-stats", "--block"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -49,6 +75,7 @@ def ray_head(tmp_path_factory):
             break
     else:
         pytest.fail("ray start --head did not start:\n" + "".join(seen[-30:]))
+    _wait_for_job_agent(agent, head)
     yield f"http://127.0.0.1:{dash}", env
     head.send_signal(signal.SIGTERM)
     head.wait(timeout=120)
