@@ -313,8 +313,12 @@ class StudentPack:
         g = torch.zeros(k, P, dtype=t.dtype, device=t.device)
         d1, h = self.widths[0] + 1, self.widths[1]
         pw = h * d1  # hidden block columns, laid out (j, m)
-        pa = pw + o * (h + 1)  # then the output layer's, (o, q); then the skip path's, (o, m)
-        e = h + 1 + (d1 - 1 if self.skip_path else 0)  # the output layer's inputs v = [ũ; x]
+        ds = d1 - 1 if self.skip_path else 0  # skip columns per output
+        e = h + 1 + ds  # the output layer's inputs v = [ũ; x]
+        # each output's columns [A_o | c_o | S_o]: the output layer's, laid out (o, q), then the skip path's, (o, m)
+        pa = pw + o * (h + 1)
+        cols = torch.cat([pw + torch.arange(o * (h + 1), device=t.device).view(o, h + 1),
+                          pa + torch.arange(o * ds, device=t.device).view(o, ds)], 1)  # (o, e)
         A = self.weight(1, t)  # (k, o, h)
         H2 = h * (h + 1) // 2
         R = torch.zeros(k, H2, d1 * (d1 + 1) // 2, dtype=t.dtype, device=t.device)  # Σ pair(σ') ⊗ pair(x̃)
@@ -329,8 +333,10 @@ class StudentPack:
             nc = xt.shape[0]
             z = torch.matmul(xt, self.block(0, t).transpose(1, 2))  # (k, nc, h)
             dz = self.act.grad(z).transpose(1, 2).contiguous()  # (k, h, nc)
-            v = [self.act.fn(z), torch.ones(k, nc, 1, dtype=t.dtype, device=t.device)]
-            v = torch.cat(v + [X[s : s + step].expand(k, nc, -1)] if self.skip_path else v, 2)
+            parts = [self.act.fn(z), torch.ones(k, nc, 1, dtype=t.dtype, device=t.device)]
+            if self.skip_path:
+                parts.append(X[s : s + step].expand(k, nc, -1))
+            v = torch.cat(parts, 2)
             r = torch.matmul(v, out_w.transpose(1, 2)) - Y[s : s + step]  # (k, nc, o)
             R.baddbmm_(_pair_products(dz, 1), _pair_products(xt, 1).expand(k, nc, -1))
             DX = (dz[:, :, None, :] * xt.T.contiguous()[None, None]).view(k, pw, nc)  # rows of J_W
@@ -343,19 +349,12 @@ class StudentPack:
         JtJ[:, :pw, :pw] = (_unpack_pairs(R, h, d1) * M[:, :, None, :, None]).reshape(k, pw, pw)
         # weight × output (and skip) blocks: A_o'j · Σ_n σ'_j x̃_m v_q, laid out (j, m) × (o', q)
         WA = A.transpose(1, 2)[:, :, None, :, None] * T.view(k, h, d1, 1, e)  # (k, h, d1, o, e)
-        JtJ[:, :pw, pw:pa] = WA[..., : h + 1].reshape(k, pw, -1)
-        JtJ[:, :pw, pa:] = WA[..., h + 1 :].reshape(k, pw, -1)
+        JtJ[:, :pw, cols.flatten()] = WA.reshape(k, pw, -1)
         JtJ[:, pw:, :pw] = JtJ[:, :pw, pw:].transpose(1, 2)
-        at = [(pw + oo * (h + 1), pw + (oo + 1) * (h + 1), pa + oo * (e - h - 1), pa + (oo + 1) * (e - h - 1)) for oo in range(o)]
-        for a0, a1, s0, s1 in at:  # output rows do not interact: one v-Gram block per output
-            JtJ[:, a0:a1, a0:a1] = U[:, : h + 1, : h + 1]
-            if self.skip_path:
-                JtJ[:, a0:a1, s0:s1] = U[:, : h + 1, h + 1 :]
-                JtJ[:, s0:s1, a0:a1] = U[:, h + 1 :, : h + 1]
-                JtJ[:, s0:s1, s0:s1] = U[:, h + 1 :, h + 1 :]
+        for c in cols:  # output rows do not interact: one v-Gram block per output
+            JtJ[:, c[:, None], c] = U
         g[:, :pw] = gW.reshape(k, pw)
-        g[:, pw:pa] = gA[..., : h + 1].reshape(k, -1)
-        g[:, pa:] = gA[..., h + 1 :].reshape(k, -1)
+        g[:, cols.flatten()] = gA.reshape(k, -1)
         return JtJ, g
 
     def normal_equations_from_jacobian(
