@@ -20,7 +20,9 @@ is a row too: ``recovered`` null and the ``error``.
 
 Part (c), deep teachers (``--deep digits:16-16 mnist1d:12-12-12``), reports the recovered width,
 overhead and worst 1 − |cos| of every layer; their students get DEEP_LM_BUDGET. One LM iteration
-of a deep student costs seconds on one CPU core (``normal_equations.py``): run part (c) on a GPU.
+of a deep student costs seconds on one CPU core (``normal_equations.py``), and deep students need
+hundreds of iterations: an hour or more per deep teacher on 2 cores (``--runs`` and
+``--backend ray`` let it span sessions), minutes on a GPU.
 
 Part (d), plain vs augmented queries, uses a teacher with more parameters than images
 (digits 64-32-10: 2,410 parameters on 1,438 training images). ``--train-images N`` runs part (d)
