@@ -1,4 +1,8 @@
-"""``ecdist bench``: a tiny end-to-end run through the CLI, and the arithmetic of the scaling model."""
+"""``ecdist bench``: a tiny end-to-end run through the CLI, and the arithmetic of the scaling model.
+
+No test here times anything: the model tests check `ecdist.bench.model` on made-up profiles, and
+the tiny run's tests check that its JSON is consistent (ratios = a / b of the same run, wall_s > 0).
+"""
 from __future__ import annotations
 
 import json
@@ -40,7 +44,7 @@ def test_estimate_by_hand():
     assert model.estimate(target(), FLAT, model.ClusterProfile(1e-9, 1.0, 785, "test", "test"))["dominant"] == "training"
 
 
-def test_training_time_scales_with_students_and_devices():
+def test_model_training_estimate_scales_with_students_and_devices():
     t = model.estimate(target(N=8), FLAT, LINEAR)["train_s"]
     assert model.estimate(target(N=16), FLAT, LINEAR)["train_s"] == pytest.approx(2 * t)  # doubling N doubles it
     assert model.estimate(target(N=16, devices=4), FLAT, LINEAR)["train_s"] == pytest.approx(t)  # … unless devices double
@@ -50,7 +54,7 @@ def test_training_time_scales_with_students_and_devices():
     assert model.estimate(target(N=16), idle, LINEAR)["train_s"] == pytest.approx(model.estimate(target(N=8), idle, LINEAR)["train_s"])
 
 
-def test_clustering_time_grows_as_the_fit_says():
+def test_model_clustering_estimate_grows_as_the_fit_says():
     prof = model.ClusterProfile(a=2e-6, slope=1.6, dim=785, machine="test", source="test")
     c = model.estimate(target(N=50), FLAT, prof)["cluster_s"]
     assert model.estimate(target(N=100), FLAT, prof)["cluster_s"] == pytest.approx(2**1.6 * c)
