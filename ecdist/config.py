@@ -24,6 +24,10 @@ SCHEMA_VERSION = 1
 # where and how parallel a run executes; a student's arithmetic does not depend on them
 EXECUTION_FIELDS = frozenset({"backend", "threads", "pack_size", "cpus_per_pack", "gpus_per_pack", "actor_restarts",
                               "teacher_batch", "teacher_timeout", "teacher_retries", "teacher_backoff"})
+# Fields added after runs were stored, with the value that the version before them used: a stored
+# config.json without one reads as that value, and the fingerprint leaves it out at that value, so
+# older run folders keep resuming exactly as they were trained.
+LEGACY_VALUES = {"lm_geodesic": "never"}
 MAX_SEED = 2**32 - 1  # derived seeds (seed·1,000,003 + pack)·101 + layer must stay below torch's 2**64
 MAX_THREADS = 1024  # far above any machine; a larger count is a typo that would make torch fail
 
@@ -82,6 +86,11 @@ class Config:
         "largest student trained by Levenberg–Marquardt (its P×P normal matrix per student)", default=2500
     )
     lm_max_iter: int = _doc("Levenberg–Marquardt iterations at most", default=300)
+    lm_geodesic: str = _doc(
+        "geodesic acceleration of Levenberg–Marquardt: deep (students with two or more hidden layers, whose "
+        "loss creeps along curved valleys), always or never",
+        default="deep",
+    )
     student_tol: float = _doc(
         "relative MSE at which a student is done; the final fine-tune supplies the last digits", default=1e-16
     )
@@ -182,12 +191,13 @@ class Config:
             raise ConfigError(f"config JSON is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.pop("schema", None) != SCHEMA_VERSION:
             raise ConfigError(f"config JSON is not of schema version {SCHEMA_VERSION}")
-        return cls.from_dict(data)
+        return cls.from_dict({**LEGACY_VALUES, **data})
 
     def fingerprint(self) -> str:
         """Hash of the canonical JSON (schema version included) without the fields that only say
         where the run executes: a run started in-process can be resumed on a Ray cluster."""
-        data = {"schema": SCHEMA_VERSION, **{k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}}
+        data = {"schema": SCHEMA_VERSION, **{k: v for k, v in self.to_dict().items()
+                                             if k not in EXECUTION_FIELDS and LEGACY_VALUES.get(k, self) != v}}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "Config":
@@ -251,6 +261,7 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": _one_of("auto", "lm", "adam"),
     "lm_max_params": (_int(1), "an int >= 1"),
     "lm_max_iter": (_int(0), "an int >= 0"),
+    "lm_geodesic": _one_of("deep", "always", "never"),
     "student_tol": (_num(0, 1, lo_open=False), "a number in [0, 1]"),
     "stall_window": (_int(1), "an int >= 1"),
     "restarts": (_int(0), "an int >= 0"),

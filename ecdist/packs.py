@@ -134,10 +134,7 @@ class PackTrainer:
             if self.run is not None and i % CHECKPOINT_EVERY == 0:
                 self.run.save_pack(index, pack.state() | {"phase": np.asarray(phase)}, layer)
 
-        lm = LMOptions(
-            max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window,
-            restarts=0 if finetune else config.restarts, restart_above=config.restart_above,
-        )
+        lm = lm_options(config, pack.n_layers, finetune)
         phase = str(state["phase"]) if state is not None and "phase" in state else "adam"
         if optimizer == "adam" and phase == "adam":
             adam = AdamOptions(
@@ -194,6 +191,16 @@ class PackTrainer:
                 self._snapshot = info
         if report is not None:
             report(event, info)
+
+
+def lm_options(config: Config, n_layers: int, finetune: bool = False) -> LMOptions:
+    """The LM rules for a pack of ``n_layers`` weight layers: geodesic acceleration per
+    ``config.lm_geodesic`` ("deep": two or more hidden layers), no restarts in a fine-tune."""
+    return LMOptions(
+        max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window,
+        restarts=0 if finetune else config.restarts, restart_above=config.restart_above,
+        geodesic=config.lm_geodesic == "always" or (config.lm_geodesic == "deep" and n_layers > 2),
+    )
 
 
 def inserted(pack: StudentPack, assign: np.ndarray, width: int) -> StudentPack:

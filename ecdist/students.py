@@ -226,22 +226,34 @@ class StudentPack:
             loss = self.loss_grad(X, Y, _two(theta), pair)
             grad.copy_(pair[:1])
             return loss[:1]
-        k, n, o = theta.shape[0], X.shape[0], Y.shape[1]
+        n, o = X.shape[0], Y.shape[1]
+        hs, zs, r = self._columns(X, theta)
+        r = r.sub_(Y.T)
+        loss = (r * r).sum(dim=(1, 2)) / (n * o)
+        self._backprop(theta, hs, zs, r.mul_(2.0 / (n * o)), grad)
+        return loss
+
+    def _columns(self, X: torch.Tensor, theta: torch.Tensor):
+        """Forward pass in the (k', width, n) layout: inputs and activations per layer, the
+        pre-activations, and the outputs (k', d_out, n)."""
+        k, n = theta.shape[0], X.shape[0]
         hs, zs = [X.T.expand(k, X.shape[1], n)], []
         for l in range(self.n_layers - 1):
             z = torch.baddbmm(self.bias(l, theta)[:, :, None], self.weight(l, theta), hs[-1])
             zs.append(z)
             hs.append(self.act.fn(z))
         L = self.n_layers - 1
-        r = torch.baddbmm(self.bias(L, theta)[:, :, None], self.weight(L, theta), hs[-1])
+        out = torch.baddbmm(self.bias(L, theta)[:, :, None], self.weight(L, theta), hs[-1])
         if self.skip_path:
-            r = r + torch.bmm(self.skip(theta), hs[0])
-        r = r.sub_(Y.T)
-        loss = (r * r).sum(dim=(1, 2)) / (n * o)
-        d = r.mul_(2.0 / (n * o))  # ∂loss/∂out, then ∂loss/∂z_l going down: (k', width, n)
+            out = out + torch.bmm(self.skip(theta), hs[0])
+        return hs, zs, out
+
+    def _backprop(self, theta: torch.Tensor, hs: list, zs: list, d: torch.Tensor, grad: torch.Tensor) -> None:
+        """Jᵀd into ``grad`` (k', P) for d (k', d_out, n) at the outputs; ``d`` is overwritten."""
+        k, o = theta.shape[0], d.shape[1]
         if self.skip_path:
-            grad[:, grad.shape[1] - o * X.shape[1] :] = torch.bmm(d, hs[0].transpose(1, 2)).reshape(k, -1)
-        for l in range(L, -1, -1):
+            grad[:, grad.shape[1] - o * hs[0].shape[1] :] = torch.bmm(d, hs[0].transpose(1, 2)).reshape(k, -1)
+        for l in range(self.n_layers - 1, -1, -1):
             block = self.block(l, grad)
             block[..., :-1] = torch.bmm(d, hs[l].transpose(1, 2))
             block[..., -1] = d.sum(dim=2)
@@ -250,7 +262,33 @@ class StudentPack:
                 d = wt * d if d.shape[1] == 1 else torch.bmm(wt, d)  # an outer product is cheaper as a product
                 by_value = self.act.grad_of_value
                 d = d.mul_(by_value(hs[l]) if by_value is not None else self.act.grad(zs[l - 1]))
-        return loss
+
+    def curvature_pull(
+        self, X: torch.Tensor, theta: torch.Tensor, step: torch.Tensor, chunk: int = 65536
+    ) -> torch.Tensor:
+        """Jᵀr″ (k', P): r″ the second derivative of the outputs along ``step`` (k', P), per student.
+
+        The geodesic acceleration of ``fit_lm`` needs it. r″ comes from a central difference
+        (f(θ+su) − 2f(θ) + f(θ−su))/s² · ‖step‖² along the unit direction u, with s a tenth of
+        ‖step‖ but at least 1e-4: near a minimum the steps are tiny and a difference that small
+        would be rounding noise. The teacher's answers cancel, so none are needed.
+        """
+        if theta.shape[0] == 1:  # see _two
+            return self.curvature_pull(X, _two(theta), _two(step), chunk)[:1]
+        norm = step.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        u = step / norm
+        s = torch.clamp(0.1 * norm, min=1e-4)
+        out = torch.zeros_like(theta)
+        part = torch.empty_like(theta)
+        for c in range(0, X.shape[0], chunk):
+            Xc = X[c : c + chunk]
+            hs, zs, f0 = self._columns(Xc, theta)
+            fp = self._columns(Xc, theta + s * u)[2]
+            fm = self._columns(Xc, theta - s * u)[2]
+            rpp = (fp - 2 * f0 + fm).mul_((norm / s).square()[:, :, None])
+            self._backprop(theta, hs, zs, rpp, part)
+            out += part
+        return out
 
     def hidden(self, X: torch.Tensor, layer: int) -> torch.Tensor:
         """Activations of hidden layer ``layer`` (0-based): (k, n, h)."""
@@ -582,6 +620,11 @@ class LMOptions:
     damping: str = "levenberg"
     lam_max: float = 1e12
     chunk_elems: int = 2**18  # work elements per student per query chunk (2 MB in float64)
+    # Geodesic acceleration (Transtrum & Sethna 2012): add ½a to the step δ, a the second-order
+    # correction that follows the curved valley of the residuals; a step whose ‖a‖/‖δ‖ exceeds
+    # geodesic_alpha is rejected as if its loss had risen. Deep students crawl along such valleys.
+    geodesic: bool = False
+    geodesic_alpha: float = 0.75
 
 
 def fit_lm(
@@ -630,6 +673,12 @@ def fit_lm(
             L, info = torch.linalg.cholesky_ex(A)
             ok = (info == 0).cpu().numpy()
             step = -torch.cholesky_solve(g[r_idx].unsqueeze(-1), L).squeeze(-1)
+            if opts.geodesic:
+                pull = pack.curvature_pull(X, theta[r_idx], step)
+                accel = -torch.cholesky_solve(pull.unsqueeze(-1), L).squeeze(-1)
+                ratio = (accel.norm(dim=1) / step.norm(dim=1).clamp(min=1e-300)).cpu().numpy()
+                ok = ok & (ratio <= opts.geodesic_alpha)
+                step = step + 0.5 * accel
             cand = theta[r_idx] + step
             loss = pack.mse(X, Y, cand).cpu().numpy()
             better = ok & np.isfinite(loss) & (loss < old[rows])

@@ -13,7 +13,7 @@ import torch
 
 import ecdist
 from ecdist import activations
-from ecdist.packs import inserted
+from ecdist.packs import inserted, lm_options
 from ecdist.students import StudentPack
 
 
@@ -83,6 +83,17 @@ def deep_queries():
 def deep_config(**changes):
     base = ecdist.Config(activation="tanh", student_widths=[12, 9], n_students=8, seed=0, threads=1)
     return base.replace(**changes)
+
+
+def test_lm_geodesic_accelerates_deep_students_only():
+    """"deep" (the default) accelerates students with two or more hidden layers; shallow students,
+    whose plain LM reaches machine precision in tens of iterations, keep it."""
+    config = deep_config()
+    assert config.lm_geodesic == "deep"
+    assert lm_options(config, n_layers=3).geodesic and not lm_options(config, n_layers=2).geodesic
+    assert lm_options(config.replace(lm_geodesic="always"), n_layers=2).geodesic
+    assert not lm_options(config.replace(lm_geodesic="never"), n_layers=3).geodesic
+    assert lm_options(config, 3, finetune=True).restarts == 0 and lm_options(config, 3).restarts == config.restarts
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pickle
@@ -17,7 +18,7 @@ from torch import nn
 
 import ecdist
 from ecdist import ConfigError, EcdistError, QueryError, RunFolderError, TeacherError
-from ecdist.config import Config
+from ecdist.config import EXECUTION_FIELDS, Config
 from ecdist.teachers import parse_arch
 
 
@@ -622,7 +623,7 @@ BAD_VALUES = [
     ("stall_window", 0), ("restarts", -1), ("restarts", 1.5), ("restart_above", -1e-6), ("restart_above", 2.0),
     ("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("max_epochs", -5),
     ("patience", -1), ("cooldown", -1), ("min_lr", 0.0), ("finish_lm", 1), ("finish_lm", "yes"),
-    ("finetune_iter", -1), ("prune", None), ("fallback", "no"), ("pack_size", -1), ("threads", -2),
+    ("lm_geodesic", "yes"), ("lm_geodesic", True), ("finetune_iter", -1), ("prune", None), ("fallback", "no"), ("pack_size", -1), ("threads", -2),
     ("cpus_per_pack", 0), ("gpus_per_pack", -0.5), ("actor_restarts", 1.5),
     ("seed", 2**32), ("threads", 10**6), ("teacher_batch", 0), ("teacher_timeout", 0), ("teacher_timeout", "1s"),
     ("teacher_retries", -1), ("teacher_backoff", -1.0), ("teacher_backoff", float("nan")),
@@ -660,6 +661,20 @@ def test_config_gamma_times_n_students_below_two():
     with pytest.raises(ConfigError, match="gamma"):
         Config(activation="tanh", student_widths=[8], n_students=3, gamma=0.5)  # ⌊1.5⌋ = 1
     assert Config(activation="tanh", student_widths=[8], n_students=4, gamma=0.5).gamma == 0.5  # ⌊2⌋ = 2
+
+
+def test_config_written_before_lm_geodesic_resumes_with_its_old_fingerprint():
+    """A config.json stored before the field existed reads as "never" (what that version did) and
+    hashes to the fingerprint that version wrote into run.json, so its run folder still resumes."""
+    never = Config(activation="tanh", student_widths=[8, 8], lm_geodesic="never")
+    stored = json.loads(never.to_json())
+    del stored["lm_geodesic"]
+    old = Config.from_json(json.dumps(stored))
+    assert old == never
+    hashed = {k: v for k, v in stored.items() if k not in EXECUTION_FIELDS}  # what the old version hashed
+    assert old.fingerprint() == hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
+    assert Config(activation="tanh", student_widths=[8, 8]).lm_geodesic == "deep"  # new runs: the new default
+    assert Config(activation="tanh", student_widths=[8, 8]).fingerprint() != old.fingerprint()
 
 
 @pytest.mark.parametrize("name", ["swish", "Tanh", "", None, 3])
