@@ -166,3 +166,23 @@ def test_report_shows_the_gpu_clustering_measured_earlier(tmp_path):
     assert f"**Clustering on one {earlier['machine']['cuda']}**" in text
     done = [r for r in earlier["rows"] if r.get("gpu", {}).get("status") == "ok"]
     assert done and all(f"| {r['rows']:,} | {r['dim']} | {r['gpu']['total_s']:.1f} |" in text for r in done)
+
+
+# ----- benchmarks/geodesic_lm.py -------------------------------------------------------------------------------
+def test_geodesic_benchmark_quick_run_is_consistent(tmp_path):
+    """LM only accepts steps that lower the loss and this benchmark allows no restarts, so a student's
+    final loss is below a level exactly when the recorded iteration count for that level is not −1."""
+    out = tmp_path / "geo.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "geodesic_lm.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0 and data["rows"]
+    for row in data["rows"]:
+        assert row["deep"] == (len(row["student"]) > 3)
+        for side in ("plain", "geodesic"):
+            r = row[side]
+            assert len(r["final"]) == row["students"] and r["s_per_iteration"] > 0
+            for level in ("1e-10", "1e-16"):
+                reached = [i != -1 for i in r[f"iters_to_{level}"]]
+                assert reached == [f < float(level) for f in r["final"]], (side, level, r)
+                assert all(0 < i <= data["iterations"] for i in r[f"iters_to_{level}"] if i != -1)
