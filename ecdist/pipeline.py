@@ -40,6 +40,7 @@ from .reconstruct import (
     finetune_network,
     output_layer,
     prune,
+    prune_network,
     to_original,
 )
 from .students import n_params
@@ -561,15 +562,19 @@ def _layers(
                 run.save_stage(L + 1, _to_stage(best.clusters, best.collapsed, best))
         V, A, c, S = best.weights
         blocks, final = [col.vectors for _, _, col in lower] + [V], best.final
+        kept = [np.arange(len(col.vectors)) for _, _, col in lower]
         if lower and len(V):
             t0 = time.perf_counter()
             final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter)
+            if config.prune:
+                final, blocks, A, c, kept = prune_network(blocks, A, c, final, Xt, Yt, act.name, config.finetune_iter)
             timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t0
         network = to_original(blocks, A, c, S, xs, ys, act.name)
-    out = [_layer_result(l, t, cl, col, network, np.arange(len(col.vectors))) for l, (t, cl, col) in enumerate(lower)]
+    out = [_layer_result(l, t, cl, col, network, k) for l, ((t, cl, col), k) in enumerate(zip(lower, kept))]
     out.append(_layer_result(L, table, best.clusters, best.collapsed, network, best.kept))
+    pruned = sum(len(col.vectors) - len(k) for (_, _, col), k in zip(lower, kept))
     report("reconstruct", {"widths": network.hidden_widths, "rel_mse": final,
-                           "pruned": len(best.collapsed.vectors) - len(V)})
+                           "pruned": pruned + len(best.collapsed.vectors) - len(V)})
     return out, network, final, resumed
 
 

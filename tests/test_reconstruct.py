@@ -10,7 +10,17 @@ import torch
 import ecdist
 from ecdist.activations import REGISTRY
 from ecdist.queries import Standardizer
-from ecdist.reconstruct import EXACT_FIT, REFERENCE_TOP, collapse, output_layer, prune, to_original
+from ecdist.reconstruct import (
+    EXACT_FIT,
+    REFERENCE_TOP,
+    collapse,
+    finetune_network,
+    output_layer,
+    prune,
+    prune_network,
+    to_original,
+)
+from ecdist.students import StudentPack
 
 
 def _forward(V, A, c, S, X, activation):
@@ -254,3 +264,42 @@ def test_prune_softplus_fits_with_the_affine_term():
     np.testing.assert_array_equal(kept, [0, 1, 2])
     assert S is not None and S.shape == (1, 4)
     assert loss < 1e-20
+
+
+# ----- prune_network: the lower hidden layers of a deep network ----------------------------------------------
+def deep_network(seed: int = 0):
+    """A random 4-3-3-2 tanh network as blocks [w | b] per hidden layer, A and c; and its data."""
+    rng = np.random.default_rng(seed)
+    blocks, A, c = [rng.normal(size=(3, 5)), rng.normal(size=(3, 4))], rng.normal(size=(2, 3)), rng.normal(size=2)
+    X = torch.as_tensor(rng.normal(size=(400, 4)))
+    return blocks, A, c, X, network_outputs(blocks, A, c, X)
+
+
+def network_outputs(blocks, A, c, X):
+    theta = np.concatenate([b.ravel() for b in blocks] + [np.hstack([A, c[:, None]]).ravel()])
+    widths = [X.shape[1], *(len(b) for b in blocks), len(A)]
+    return StudentPack(torch.as_tensor(theta[None]), widths, "tanh", [0]).forward(X)[0]
+
+
+@pytest.mark.parametrize("at", [0, 1, 3])
+def test_prune_network_removes_a_lower_neuron_the_fit_does_not_need(at):
+    """A fourth neuron in layer 1 whose outgoing weights are tiny (the MNIST-1D case: 2.6e-5) goes;
+    the kept indices say which rows of the clustered layer survive."""
+    blocks, A, c, X, Y = deep_network()
+    spurious = [np.insert(blocks[0], at, np.random.default_rng(5).normal(size=5), axis=0),
+                np.insert(blocks[1], at, 1e-5, axis=1)]
+    start, spurious, A, c = finetune_network(spurious, A, c, X, Y, "tanh", 50)  # as the pipeline does first
+    assert start <= EXACT_FIT
+    final, out, A2, c2, kept = prune_network(spurious, A, c, start, X, Y, "tanh", iters=50)
+    assert [len(b) for b in out] == [3, 3] and final < 1e-24
+    np.testing.assert_array_equal(kept[0], np.delete(np.arange(4), at))
+    assert float(((network_outputs(out, A2, c2, X) - Y) ** 2).mean()) < 1e-24
+
+
+def test_prune_network_keeps_every_needed_neuron_and_needs_an_exact_fit():
+    blocks, A, c, X, Y = deep_network(seed=1)
+    final, out, _, _, kept = prune_network(blocks, A, c, 0.0, X, Y, "tanh", iters=20)
+    assert [len(b) for b in out] == [3, 3] and kept[0].tolist() == [0, 1, 2]
+    spurious = [np.vstack([blocks[0], np.ones((1, 5))]), np.hstack([blocks[1][:, :3], np.zeros((3, 1)), blocks[1][:, 3:]])]
+    final, out, _, _, kept = prune_network(spurious, A, c, 1e-10, X, Y, "tanh", iters=20)  # not exact: nothing goes
+    assert final == 1e-10 and [len(b) for b in out] == [4, 3] and kept[0].tolist() == [0, 1, 2, 3]
