@@ -562,7 +562,7 @@ def _layers(
                 run.save_stage(L + 1, _to_stage(best.clusters, best.collapsed, best))
         V, A, c, S = best.weights
         blocks, final = [col.vectors for _, _, col in lower] + [V], best.final
-        kept = [np.arange(len(col.vectors)) for _, _, col in lower]
+        kept = [np.arange(len(col.vectors)) for _, _, col in lower] + [np.arange(len(V))]
         if lower and len(V):
             t0 = time.perf_counter()
             final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter)
@@ -571,10 +571,9 @@ def _layers(
             timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t0
         network = to_original(blocks, A, c, S, xs, ys, act.name)
     out = [_layer_result(l, t, cl, col, network, k) for l, ((t, cl, col), k) in enumerate(zip(lower, kept))]
-    out.append(_layer_result(L, table, best.clusters, best.collapsed, network, best.kept))
-    pruned = sum(len(col.vectors) - len(k) for (_, _, col), k in zip(lower, kept))
-    report("reconstruct", {"widths": network.hidden_widths, "rel_mse": final,
-                           "pruned": pruned + len(best.collapsed.vectors) - len(V)})
+    out.append(_layer_result(L, table, best.clusters, best.collapsed, network, best.kept[kept[-1]]))
+    pruned = sum(len(col.vectors) for _, _, col in lower) + len(best.collapsed.vectors) - sum(map(len, kept))
+    report("reconstruct", {"widths": network.hidden_widths, "rel_mse": final, "pruned": pruned})
     return out, network, final, resumed
 
 

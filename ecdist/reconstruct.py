@@ -165,32 +165,37 @@ def prune_network(
     iters: int,
     max_trials: int = 64,
 ) -> tuple[float, list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Remove the neurons of a deep network's lower hidden layers that its exact fit does not need.
+    """Remove the hidden neurons of a deep network that its exact joint fit does not need.
 
-    ``prune`` handles the last hidden layer; the lower ones come from clustering alone, which can
-    keep a debris cluster whose neuron the joint fine-tune then silences (MNIST-1D
-    40-12-12-12-10 tanh: a 13th neuron in layer 2 with outgoing weights of 2.6e-5 beside ~2, and
-    the fit stuck at 8e-19). Only from an exact fit (``final`` ≤ ``EXACT_FIT``): per lower layer,
-    weakest neuron first (std of its activation × ‖outgoing weights‖), remove it, fine-tune the
-    whole network, and keep the removal while the error stays within 10× of the current one
-    (floor 1e-20); the first neuron the fit needs ends that layer. Returns the relative MSE,
-    blocks, A, c and, per lower layer, the indices of the neurons kept.
+    ``prune`` pruned the last hidden layer on the lower layers as clustered; those come from
+    clustering alone and can keep a debris cluster whose neuron the joint fine-tune then silences
+    (MNIST-1D 40-12-12-12-10 tanh: a 13th neuron in layer 2 with outgoing weights of 2.6e-5
+    beside ~2, the fit stuck at 8e-19), and with a spurious lower neuron gone the last layer may
+    need fewer neurons too. Only from an exact fit (``final`` ≤ ``EXACT_FIT``): layer by layer from
+    the first, weakest neuron first (std of its activation × ‖outgoing weights‖), remove it,
+    fine-tune the whole network, and keep the removal while the error stays within 10× of the
+    current one (floor 1e-20); the first neuron the fit needs ends that layer. Returns the
+    relative MSE, blocks, A, c and, per hidden layer, the indices of the neurons kept.
     """
-    kept = [np.arange(len(b)) for b in blocks[:-1]]
+    kept = [np.arange(len(b)) for b in blocks]
     if final > EXACT_FIT:
         return final, blocks, A, c, kept
     act = activations.get(activation)
     Xn = X.cpu().double().numpy()
-    for l in range(len(blocks) - 1):
+    for l in range(len(blocks)):
         for _ in range(min(len(kept[l]) - 1, max_trials)):
             H = Xn
             for b in blocks[: l + 1]:
                 H = act.fn(torch.as_tensor(np.hstack([H, np.ones((len(H), 1))]) @ b.T)).numpy()
-            weakest = int(np.argmin(H.std(axis=0) * np.linalg.norm(blocks[l + 1][:, :-1], axis=0)))
-            trial = [*blocks]
+            above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
+            weakest = int(np.argmin(H.std(axis=0) * np.linalg.norm(above, axis=0)))
+            trial, A2 = [*blocks], A
             trial[l] = np.delete(blocks[l], weakest, axis=0)
-            trial[l + 1] = np.delete(blocks[l + 1], weakest, axis=1)
-            error, trial, A2, c2 = finetune_network(trial, A, c, X, Y, activation, iters)
+            if l + 1 < len(blocks):
+                trial[l + 1] = np.delete(blocks[l + 1], weakest, axis=1)
+            else:
+                A2 = np.delete(A, weakest, axis=1)
+            error, trial, A2, c2 = finetune_network(trial, A2, c, X, Y, activation, iters)
             if error > 10 * max(final, 1e-20):
                 break
             final, blocks, A, c = error, trial, A2, c2

@@ -235,3 +235,19 @@ def test_deep_plan_fits_every_pack_actor_at_once():
     assert len(plan["packs"]) == 4 and plan["cpus_per_pack"] == 0.5 and plan["actor_slots"] == 4
     shallow = pipeline._plan(deep.replace(student_widths=[8]), 6, 1, ray_resources={"CPU": 2.0, "GPU": 0.0})
     assert shallow["cpus_per_pack"] == 1 and shallow["actor_slots"] == 2  # one layer: packs wait their turn
+
+
+@pytest.mark.slow
+def test_deep_pruning_removes_what_a_generous_cut_keeps_in_every_layer():
+    """The authors' cut with no debris filter keeps 7 clusters in layer 1 and 5 in layer 2 of the
+    4-3 teacher; once the joint fine-tune is exact, pruning takes every layer back to the teacher's
+    widths, and the cluster tables mark the pruned candidates with neuron −1."""
+    result = ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="local", cluster_rule="reference", drop=0.0))
+    assert result.layer_sizes == [4, 3]
+    for layer in result.layers:
+        neuron = np.asarray(layer.clusters.column("neuron").to_pylist())
+        assert sorted(neuron[neuron >= 0].tolist()) == list(range(layer.width))
+        assert (neuron == -1).any()  # this cut kept more candidates than the layer needs
+    report = ecdist.compare(result.network, deep_teacher(), "tanh", X=ecdist.queries.gaussian(2000, ARCH[0], seed=99))
+    assert report.teacher_sizes == [4, 3] and report.functional_mse < 1e-20
+    assert max(report.max_weight_distance) < 1e-6

@@ -293,13 +293,25 @@ def test_prune_network_removes_a_lower_neuron_the_fit_does_not_need(at):
     final, out, A2, c2, kept = prune_network(spurious, A, c, start, X, Y, "tanh", iters=50)
     assert [len(b) for b in out] == [3, 3] and final < 1e-24
     np.testing.assert_array_equal(kept[0], np.delete(np.arange(4), at))
+    assert kept[1].tolist() == [0, 1, 2]  # the last layer keeps its needed neurons
     assert float(((network_outputs(out, A2, c2, X) - Y) ** 2).mean()) < 1e-24
 
 
 def test_prune_network_keeps_every_needed_neuron_and_needs_an_exact_fit():
     blocks, A, c, X, Y = deep_network(seed=1)
     final, out, _, _, kept = prune_network(blocks, A, c, 0.0, X, Y, "tanh", iters=20)
-    assert [len(b) for b in out] == [3, 3] and kept[0].tolist() == [0, 1, 2]
+    assert [len(b) for b in out] == [3, 3] and [k.tolist() for k in kept] == [[0, 1, 2], [0, 1, 2]]
     spurious = [np.vstack([blocks[0], np.ones((1, 5))]), np.hstack([blocks[1][:, :3], np.zeros((3, 1)), blocks[1][:, 3:]])]
     final, out, _, _, kept = prune_network(spurious, A, c, 1e-10, X, Y, "tanh", iters=20)  # not exact: nothing goes
     assert final == 1e-10 and [len(b) for b in out] == [4, 3] and kept[0].tolist() == [0, 1, 2, 3]
+
+
+def test_prune_network_prunes_the_last_hidden_layer_too():
+    """A spurious last-layer neuron (output weights 1e-5) goes as well; lower layers stay whole."""
+    blocks, A, c, X, Y = deep_network(seed=2)
+    spurious = [blocks[0], np.vstack([blocks[1], np.random.default_rng(6).normal(size=(1, 4))])]
+    start, spurious, A2, c2 = finetune_network(spurious, np.hstack([A, np.full((2, 1), 1e-5)]), c, X, Y, "tanh", 50)
+    assert start <= EXACT_FIT
+    final, out, A3, _, kept = prune_network(spurious, A2, c2, start, X, Y, "tanh", iters=50)
+    assert [len(b) for b in out] == [3, 3] and A3.shape == (2, 3) and final < 1e-24
+    assert [k.tolist() for k in kept] == [[0, 1, 2], [0, 1, 2]]
