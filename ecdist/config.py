@@ -195,8 +195,12 @@ class Config:
 
     def fingerprint(self) -> str:
         """Hash of the canonical JSON (schema version included) without the fields that only say
-        where the run executes: a run started in-process can be resumed on a Ray cluster."""
-        data = {"schema": SCHEMA_VERSION, **{k: v for k, v in self.to_dict().items()
+        where the run executes: a run started in-process can be resumed on a Ray cluster. Values
+        that train identically hash alike, and ``LEGACY_VALUES`` at their legacy value are left out."""
+        fields = self.to_dict()
+        if len(self.student_widths) == 1 and fields["lm_geodesic"] == "deep":
+            fields["lm_geodesic"] = "never"  # one hidden layer: "deep" trains exactly as "never"
+        data = {"schema": SCHEMA_VERSION, **{k: v for k, v in fields.items()
                                              if k not in EXECUTION_FIELDS and LEGACY_VALUES.get(k, self) != v}}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

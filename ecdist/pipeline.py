@@ -26,7 +26,7 @@ import torch
 
 from . import activations, storage, teachers
 from .cluster import Clusters, cluster_layer
-from .config import Config
+from .config import EXECUTION_FIELDS, Config
 from .errors import ConfigError, QueryError, RecoveryError, RunFolderError, TeacherError
 from .network import MLP
 from .packs import PackResult, PackTrainer
@@ -259,9 +259,12 @@ def _resumed(
     if config is None:
         config = stored
     elif config.fingerprint() != stored.fingerprint():
+        given, kept = config.to_dict(), stored.to_dict()
+        differ = ", ".join(f"{k}={kept[k]!r} there, {given[k]!r} here" for k in sorted(kept)
+                           if k not in EXECUTION_FIELDS and kept[k] != given[k])
         raise RunFolderError(
-            f"{path} holds a different run (its config differ from this one); resume it with the same config "
-            "(or none: the folder keeps its own), or choose another folder"
+            f"{path} holds a different run (its config differs from this one: {differ}); resume it with the same "
+            "config (or none: the folder keeps its own), or choose another folder"
         )
     ident = run.identity()
     try:
@@ -509,7 +512,8 @@ def _layers(
     collapse, ``advance`` (insert the recovered layer into every pack and fine-tune the students
     above it on its activations), then read the next layer from the fine-tuned packs — never
     from the students as trained. The last hidden layer is fitted, fine-tuned and pruned on the
-    recovered layers' activations, and then the whole recovered network is fine-tuned.
+    recovered layers' activations; then the whole recovered network is fine-tuned and, once
+    exact, every hidden layer pruned again (``prune_network``).
     """
     act = activations.get(config.activation)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32

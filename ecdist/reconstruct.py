@@ -170,36 +170,40 @@ def prune_network(
     ``prune`` pruned the last hidden layer on the lower layers as clustered; those come from
     clustering alone and can keep a debris cluster whose neuron the joint fine-tune then silences
     (MNIST-1D 40-12-12-12-10 tanh: a 13th neuron in layer 2 with outgoing weights of 2.6e-5
-    beside ~2, the fit stuck at 8e-19), and with a spurious lower neuron gone the last layer may
-    need fewer neurons too. Only from an exact fit (``final`` ≤ ``EXACT_FIT``): layer by layer from
-    the first, weakest neuron first (std of its activation × ‖outgoing weights‖), remove it,
-    fine-tune the whole network, and keep the removal while the error stays within 10× of the
-    current one (floor 1e-20); the first neuron the fit needs ends that layer. Returns the
-    relative MSE, blocks, A, c and, per hidden layer, the indices of the neurons kept.
+    beside ~2, the fit stuck at 8e-19), or a cluster split in two, and with a spurious lower
+    neuron gone the last layer may need fewer neurons too. Only from an exact fit (``final`` ≤
+    ``EXACT_FIT``): layer by layer from the first, each neuron in turn, weakest first (std of its
+    activation × ‖outgoing weights‖, at most ``max_trials`` per layer), is removed, the whole
+    network fine-tuned, and the removal kept if the error stays exact and within 10× of the
+    starting fit's (floor 1e-20) — measured against the start, so removals cannot ratchet the
+    error up. Returns the relative MSE, blocks, A, c and, per hidden layer, the indices kept.
     """
     kept = [np.arange(len(b)) for b in blocks]
     if final > EXACT_FIT:
         return final, blocks, A, c, kept
+    bound = min(10 * max(final, 1e-20), EXACT_FIT)
     act = activations.get(activation)
     Xn = X.cpu().double().numpy()
     for l in range(len(blocks)):
-        for _ in range(min(len(kept[l]) - 1, max_trials)):
-            H = Xn
-            for b in blocks[: l + 1]:
-                H = act.fn(torch.as_tensor(np.hstack([H, np.ones((len(H), 1))]) @ b.T)).numpy()
-            above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
-            weakest = int(np.argmin(H.std(axis=0) * np.linalg.norm(above, axis=0)))
-            trial, A2 = [*blocks], A
-            trial[l] = np.delete(blocks[l], weakest, axis=0)
-            if l + 1 < len(blocks):
-                trial[l + 1] = np.delete(blocks[l + 1], weakest, axis=1)
-            else:
-                A2 = np.delete(A, weakest, axis=1)
-            error, trial, A2, c2 = finetune_network(trial, A2, c, X, Y, activation, iters)
-            if error > 10 * max(final, 1e-20):
+        H = Xn
+        for b in blocks[: l + 1]:
+            H = act.fn(torch.as_tensor(np.hstack([H, np.ones((len(H), 1))]) @ b.T)).numpy()
+        above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
+        order = kept[l][np.argsort(H.std(axis=0) * np.linalg.norm(above, axis=0), kind="stable")]
+        for neuron in order[:max_trials]:
+            if len(kept[l]) == 1:
                 break
-            final, blocks, A, c = error, trial, A2, c2
-            kept[l] = np.delete(kept[l], weakest)
+            j = int(np.flatnonzero(kept[l] == neuron)[0])
+            trial, A2 = [*blocks], A
+            trial[l] = np.delete(blocks[l], j, axis=0)
+            if l + 1 < len(blocks):
+                trial[l + 1] = np.delete(blocks[l + 1], j, axis=1)
+            else:
+                A2 = np.delete(A, j, axis=1)
+            error, trial, A2, c2 = finetune_network(trial, A2, c, X, Y, activation, iters)
+            if error <= bound:
+                final, blocks, A, c = error, trial, A2, c2
+                kept[l] = np.delete(kept[l], j)
     return final, blocks, A, c, kept
 
 

@@ -276,7 +276,7 @@ class StudentPack:
         """
         if theta.shape[0] == 1:  # see _two
             return self.curvature_pull(X, _two(theta), _two(step), chunk)[:1]
-        norm = step.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        norm = step.norm(dim=1, keepdim=True).clamp(min=torch.finfo(step.dtype).tiny)
         u = step / norm
         s = torch.clamp(0.1 * norm, min=torch.finfo(theta.dtype).eps ** 0.25)
         out = torch.zeros_like(theta)
@@ -623,7 +623,8 @@ class LMOptions:
     chunk_elems: int = 2**18  # work elements per student per query chunk (2 MB in float64)
     # Geodesic acceleration (Transtrum & Sethna 2012): add ½a to the step δ, a the second-order
     # correction that follows the curved valley of the residuals; a step whose ‖a‖/‖δ‖ exceeds
-    # geodesic_alpha is rejected as if its loss had risen. Deep students crawl along such valleys.
+    # geodesic_alpha is rejected as if its loss had risen (GSL's form of the test; the paper writes
+    # 2‖a‖/‖δ‖ ≤ α). Deep students crawl along such valleys.
     geodesic: bool = False
     geodesic_alpha: float = 0.75
 
@@ -675,9 +676,9 @@ def fit_lm(
             ok = (info == 0).cpu().numpy()
             step = -torch.cholesky_solve(g[r_idx].unsqueeze(-1), L).squeeze(-1)
             if opts.geodesic:
-                pull = pack.curvature_pull(X, theta[r_idx], step)
+                pull = pack.curvature_pull(X, theta[r_idx], step, chunk=max(1, opts.chunk_elems // sum(pack.widths)))
                 accel = -torch.cholesky_solve(pull.unsqueeze(-1), L).squeeze(-1)
-                ratio = (accel.norm(dim=1) / step.norm(dim=1).clamp(min=1e-300)).cpu().numpy()
+                ratio = (accel.norm(dim=1) / step.norm(dim=1).clamp(min=torch.finfo(step.dtype).tiny)).cpu().numpy()
                 ok = ok & (ratio <= opts.geodesic_alpha)
                 step = step + 0.5 * accel
             cand = theta[r_idx] + step

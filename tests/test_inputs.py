@@ -677,6 +677,16 @@ def test_config_written_before_lm_geodesic_resumes_with_its_old_fingerprint():
     assert Config(activation="tanh", student_widths=[8, 8]).fingerprint() != old.fingerprint()
 
 
+def test_lm_geodesic_values_that_train_alike_hash_alike():
+    """One hidden layer trains the same under "deep" and "never" (so a shallow run folder from before
+    the field resumes with a fresh default Config); "always" and deep students differ."""
+    shallow = Config(activation="tanh", student_widths=[8])
+    assert shallow.fingerprint() == shallow.replace(lm_geodesic="never").fingerprint()
+    assert shallow.fingerprint() != shallow.replace(lm_geodesic="always").fingerprint()
+    deep = Config(activation="tanh", student_widths=[8, 8])
+    assert len({deep.replace(lm_geodesic=v).fingerprint() for v in ("deep", "never", "always")}) == 3
+
+
 @pytest.mark.parametrize("name", ["swish", "Tanh", "", None, 3])
 def test_config_unknown_activation(name):
     with pytest.raises(ConfigError, match="activation"):

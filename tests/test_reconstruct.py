@@ -315,3 +315,37 @@ def test_prune_network_prunes_the_last_hidden_layer_too():
     final, out, A3, _, kept = prune_network(spurious, A2, c2, start, X, Y, "tanh", iters=50)
     assert [len(b) for b in out] == [3, 3] and A3.shape == (2, 3) and final < 1e-24
     assert [k.tolist() for k in kept] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_prune_network_error_stays_within_10x_of_the_start():
+    """Fourteen real but weak layer-1 neurons (outgoing weights 1e-9·1.6^i): each removal alone
+    costs little, so a bound on the previous removal's error would let them go one by one until
+    the fit is far from exact (it ended at 2.4e-14). The bound is the starting fit's."""
+    rng = np.random.default_rng(0)
+    b0, b1 = rng.normal(size=(17, 5)), rng.normal(size=(3, 18))
+    b1[:, 3:17] *= 1e-9 * 1.6 ** np.arange(14)
+    A, c = rng.normal(size=(2, 3)), rng.normal(size=2)
+    X = torch.as_tensor(rng.normal(size=(400, 4)))
+    Y = network_outputs([b0, b1], A, c, X)
+    start, blocks, A1, c1 = finetune_network([b0, b1], A, c, X, Y, "tanh", 50)
+    final, out, *_ = prune_network(blocks, A1, c1, start, X, Y, "tanh", iters=50)
+    assert final <= 10 * max(start, 1e-20) and final <= EXACT_FIT
+    assert len(out[0]) >= 10  # the neurons whose removal would cost more than that stay
+
+
+def test_prune_network_removes_a_twin_behind_a_weak_real_neuron():
+    """A split cluster (neuron j twice, outgoing weights half and half) and a real neuron weaker
+    than either copy: the weak one is tried first and is needed, and the twin is still removed."""
+    blocks, A, c, X, _ = deep_network(seed=0)
+    b0, b1 = blocks[0], blocks[1].copy()
+    j = int(np.argmax(np.linalg.norm(b1[:, :3], axis=0)))
+    weak = next(i for i in range(3) if i != j)
+    b1[:, weak] *= 0.1
+    Y = network_outputs([b0, b1], A, c, X)
+    twin0 = np.vstack([b0, b0[j] * (1 + 1e-9)])
+    twin1 = np.hstack([b1[:, :3], 0.5 * b1[:, j : j + 1], b1[:, 3:]])
+    twin1[:, j] *= 0.5
+    start, bl, A1, c1 = finetune_network([twin0, twin1], A, c, X, Y, "tanh", 50)
+    final, out, *_, kept = prune_network(bl, A1, c1, start, X, Y, "tanh", iters=50)
+    assert [len(b) for b in out] == [3, 3] and final < 1e-24
+    assert weak in kept[0] and len(set(kept[0]) & {j, 3}) == 1  # one copy of neuron j stays

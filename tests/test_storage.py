@@ -233,7 +233,7 @@ def test_running_again_without_resume_is_refused(run):
 
 def test_resume_with_a_different_config_is_refused(run, tmp_path):
     folder = copy_run(run, tmp_path)
-    with pytest.raises(RunFolderError, match="config"):
+    with pytest.raises(RunFolderError, match=r"config differs from this one: seed=\d+ there, 1 here\)"):
         ecdist.recover(teacher(), queries(), config(seed=1), out=folder, resume=True)
 
 
