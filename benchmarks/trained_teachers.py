@@ -90,7 +90,8 @@ def script_budget(act: str, deep: bool) -> dict:
 
 def lm_budget(act: str, args: argparse.Namespace, deep: bool = False) -> dict:
     """The LM fields of Config for ``act``: ``script_budget``, overridden by --lm-max-iter / --stall-window."""
-    given = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window)) if v is not None}
+    given = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window),
+                               ("restart_above", args.restart_above)) if v is not None}
     return script_budget(act, deep) | given
 
 
@@ -170,7 +171,8 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "students_rel_mse": np.asarray(res.students.column("rel_loss")).tolist(),
         "students_steps": np.asarray(res.students.column("steps")).tolist(),
         "students_status": res.students.column("status").to_pylist(),
-        "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")},
+        "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")}
+        | ({"restart_above": cfg.restart_above} if cfg.restart_above != ecdist.Config.restart_above else {}),
         "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
     }
     if out is not None:  # the time of this process only when it resumed a stopped run
@@ -203,6 +205,8 @@ def main() -> int:
                     help="local: packs one after another in this process; ray: one actor per pack on a local Ray")
     ap.add_argument("--pack-size", type=int, default=0,
                     help="students per pack (a resumed run needs the split its checkpoints have)")
+    ap.add_argument("--restart-above", type=float, default=None,
+                    help="Config.restart_above: restart students that stall above this (recorded in lm_budget)")
     ap.add_argument("--lm-max-iter", type=int, default=None, help="Config.lm_max_iter (default: LM_BUDGET, else Config's)")
     ap.add_argument("--stall-window", type=int, default=None, help="Config.stall_window (default: LM_BUDGET, else Config's)")
     args = ap.parse_args()
