@@ -193,16 +193,24 @@ class Config:
             raise ConfigError(f"config JSON is not of schema version {SCHEMA_VERSION}")
         return cls.from_dict({**LEGACY_VALUES, **data})
 
+    def geodesic_for(self, n_layers: int) -> bool:
+        """Whether LM students of ``n_layers`` weight layers take geodesic steps (``lm_geodesic``)."""
+        return self.lm_geodesic == "always" or (self.lm_geodesic == "deep" and n_layers > 2)
+
+    def identity_fields(self) -> dict[str, Any]:
+        """What makes two runs the same run: the fields without those that only say where the run
+        executes (a run started in-process can be resumed on a Ray cluster), with values that
+        train identically written alike."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        if len(self.student_widths) == 1:  # one hidden layer: only the students' own depth matters
+            fields["lm_geodesic"] = "always" if self.geodesic_for(2) else "never"
+        return fields
+
     def fingerprint(self) -> str:
-        """Hash of the canonical JSON (schema version included) without the fields that only say
-        where the run executes: a run started in-process can be resumed on a Ray cluster. Values
-        that train identically hash alike, and ``LEGACY_VALUES`` at their legacy value are left out."""
-        fields = self.to_dict()
-        if len(self.student_widths) == 1 and fields["lm_geodesic"] == "deep":
-            fields["lm_geodesic"] = "never"  # one hidden layer: "deep" trains exactly as "never"
-        data = {"schema": SCHEMA_VERSION, **{k: v for k, v in fields.items()
-                                             if k not in EXECUTION_FIELDS and LEGACY_VALUES.get(k, self) != v}}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the canonical JSON of ``identity_fields`` (schema version included), with
+        ``LEGACY_VALUES`` at their legacy value left out as the versions before them had no such field."""
+        data = {k: v for k, v in self.identity_fields().items() if LEGACY_VALUES.get(k, self) != v}
+        return hashlib.sha256(json.dumps({"schema": SCHEMA_VERSION, **data}, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "Config":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

@@ -199,7 +199,7 @@ def lm_options(config: Config, n_layers: int, finetune: bool = False) -> LMOptio
     return LMOptions(
         max_iter=config.lm_max_iter, tol=config.student_tol, stall_window=config.stall_window,
         restarts=0 if finetune else config.restarts, restart_above=config.restart_above,
-        geodesic=config.lm_geodesic == "always" or (config.lm_geodesic == "deep" and n_layers > 2),
+        geodesic=config.geodesic_for(n_layers),
     )
 
 

@@ -26,7 +26,7 @@ import torch
 
 from . import activations, storage, teachers
 from .cluster import Clusters, cluster_layer
-from .config import EXECUTION_FIELDS, Config
+from .config import Config
 from .errors import ConfigError, QueryError, RecoveryError, RunFolderError, TeacherError
 from .network import MLP
 from .packs import PackResult, PackTrainer
@@ -259,9 +259,8 @@ def _resumed(
     if config is None:
         config = stored
     elif config.fingerprint() != stored.fingerprint():
-        given, kept = config.to_dict(), stored.to_dict()
-        differ = ", ".join(f"{k}={kept[k]!r} there, {given[k]!r} here" for k in sorted(kept)
-                           if k not in EXECUTION_FIELDS and kept[k] != given[k])
+        given, kept = config.identity_fields(), stored.identity_fields()
+        differ = ", ".join(f"{k}={kept[k]!r} there, {given[k]!r} here" for k in sorted(kept) if kept[k] != given[k])
         raise RunFolderError(
             f"{path} holds a different run (its config differs from this one: {differ}); resume it with the same "
             "config (or none: the folder keeps its own), or choose another folder"
