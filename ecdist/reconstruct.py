@@ -28,6 +28,7 @@ from .students import LMOptions, StudentPack, fit_lm
 
 REFERENCE_TOP = 5  # the authors' collapse looks at the 5 best students only
 EXACT_FIT = 1e-16  # relative MSE below which the recovered network reproduces the teacher
+EXACT_FLOOR = 1e-20  # fits below this are all exact: their differences are rounding and LM stopping noise
 
 
 @dataclass(frozen=True)
@@ -175,21 +176,21 @@ def prune_network(
     ``EXACT_FIT``): layer by layer from the first, each neuron in turn, weakest first (std of its
     activation × ‖outgoing weights‖, at most ``max_trials`` per layer), is removed, the whole
     network fine-tuned, and the removal kept if the error stays exact and within 10× of the
-    starting fit's (floor 1e-20) — measured against the start, so removals cannot ratchet the
+    starting fit's (floor ``EXACT_FLOOR``) — measured against the start, so removals cannot ratchet the
     error up. Returns the relative MSE, blocks, A, c and, per hidden layer, the indices kept.
     """
     kept = [np.arange(len(b)) for b in blocks]
     if final > EXACT_FIT:
         return final, blocks, A, c, kept
-    bound = min(10 * max(final, 1e-20), EXACT_FIT)
+    bound = min(10 * max(final, EXACT_FLOOR), EXACT_FIT)
     act = activations.get(activation)
     Xn = X.cpu().double().numpy()
     for l in range(len(blocks)):
-        H = Xn
-        for b in blocks[: l + 1]:
-            H = act.fn(torch.as_tensor(np.hstack([H, np.ones((len(H), 1))]) @ b.T)).numpy()
+        H = Xn  # the inputs of layer l
+        for b in blocks[:l]:
+            H = _activations(act, H, b)
         above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
-        order = kept[l][np.argsort(H.std(axis=0) * np.linalg.norm(above, axis=0), kind="stable")]
+        order = kept[l][np.argsort(_contributions(act, H, blocks[l], above), kind="stable")]
         for neuron in order[:max_trials]:
             if len(kept[l]) == 1:
                 break
@@ -232,8 +233,6 @@ def prune(
     """
     act = activations.get(activation)
     Xn, Yn = X.cpu().double().numpy(), Y.cpu().double().numpy()
-    Xt1 = np.hstack([Xn, np.ones((len(Xn), 1))])
-    floor = 1e-20  # fits below this are all exact: their differences are rounding and LM stopping noise
 
     def fit(rows: np.ndarray):
         A, c, S = output_layer(V[rows], Xn, Yn, act.name, act.symmetry.needs_affine)
@@ -241,8 +240,7 @@ def prune(
 
     def weakest_first(rows: np.ndarray, result) -> np.ndarray:
         _, Vf, A = result[:3]
-        contrib = act.fn(torch.as_tensor(Xt1 @ Vf.T)).numpy().std(axis=0) * np.linalg.norm(A, axis=0)
-        return rows[np.argsort(contrib, kind="stable")]
+        return rows[np.argsort(_contributions(act, Xn, Vf, A), kind="stable")]
 
     kept = _merge_twins(V, act)
     current = fit(kept)
@@ -252,9 +250,9 @@ def prune(
     trials = [current]
     for k in range(1, min(len(kept), max_trials + 1)):
         trials.append(fit(np.sort(order[k:])))
-        if trials[-1][0] > 1e6 * max(min(t[0] for t in trials), floor):
+        if trials[-1][0] > 1e6 * max(min(t[0] for t in trials), EXACT_FLOOR):
             break
-    best = max(min(t[0] for t in trials), floor)
+    best = max(min(t[0] for t in trials), EXACT_FLOOR)
     if best > EXACT_FIT:
         return (*current, kept)
     k = max(i for i, t in enumerate(trials) if t[0] <= 10 * best)
@@ -264,9 +262,19 @@ def prune(
             break
         rows = kept[kept != j]
         trial = fit(rows)
-        if trial[0] <= 10 * max(current[0], floor):
+        if trial[0] <= 10 * max(current[0], EXACT_FLOOR):
             kept, current = rows, trial
     return (*current, kept)
+
+
+def _activations(act: activations.Activation, inputs: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """A layer's activations (n, K) for ``inputs`` (n, d) and neuron rows V = [w | b] (K, d+1)."""
+    return act.fn(torch.as_tensor(np.hstack([inputs, np.ones((len(inputs), 1))]) @ V.T)).numpy()
+
+
+def _contributions(act: activations.Activation, inputs: np.ndarray, V: np.ndarray, outgoing: np.ndarray) -> np.ndarray:
+    """Each neuron's share of the output (K,): std of its activation × ‖its outgoing weights‖."""
+    return _activations(act, inputs, V).std(axis=0) * np.linalg.norm(outgoing, axis=0)
 
 
 def _merge_twins(V: np.ndarray, act: activations.Activation) -> np.ndarray:
