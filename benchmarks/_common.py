@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ecdist.bench.common import machine_info, source_hash, write_json
+from ecdist.plots import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "machine_info", "source_hash", "write_json"]
+__all__ = ["RESULTS", "machine_info", "pyplot", "source_hash", "write_json"]

@@ -166,10 +166,7 @@ def run(n_seeds: int, debris_outputs: list[float]) -> dict:
 
 
 def plot(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     outs = sorted({c["debris_output"] for c in data["cells"]})
     fig, axes = plt.subplots(len(outs), 2, figsize=(14, 4.2 * len(outs)), squeeze=False)

@@ -100,10 +100,7 @@ def main() -> int:
 
 def plot(out: dict, path: Path) -> None:
     """Per case: the students' final relative MSE, plain and accelerated (log scale, one dot each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     rows = out["rows"]
     fig, ax = plt.subplots(figsize=(9, 4))

@@ -118,10 +118,7 @@ def main() -> int:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     rows = out["rows"]
     fig, ax = plt.subplots(figsize=(8, 3.8))

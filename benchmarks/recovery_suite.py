@@ -277,10 +277,7 @@ def summarise(runs: list[dict[str, Any]], teachers: list[dict[str, Any]], rhos: 
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     runs, summ = data["runs"], data["summary"]
     rhos = [int(r) for r in summ["success_rate"] if summ["success_rate"][r] is not None]

@@ -135,10 +135,7 @@ def _describe(row: dict) -> str:
 
 def plot(data: dict, path: Path) -> None:
     """Seconds (kNN, total; FAISS on the CPU from scaling_cluster.json where it exists) and GPU memory against M."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     ok = [r for r in data["rows"] if r["gpu"]["status"] == "ok"]
     ms = [r["rows"] for r in ok]

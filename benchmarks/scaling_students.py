@@ -111,10 +111,7 @@ def main() -> int:
 
 
 def plot(out: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     rows = [r for r in out["stacked_vs_loop"] if r["width"] == 16]

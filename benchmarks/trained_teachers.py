@@ -374,10 +374,7 @@ VERDICT_COLOURS = {"exact": "#4caf50", "exact_identifiable": "#8bc34a", "within_
 def plot_table(out: dict, path: Path) -> None:
     """The cases as coloured cells: activation × width per data set, then the deep teachers; each
     cell says the recovered width(s), the worst 1 − |cos| and where it ran."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     from matplotlib.patches import Patch
 
     cases = out["cases"]
@@ -430,10 +427,7 @@ def plot_table(out: dict, path: Path) -> None:
 def plot_pair(out: dict, path: Path) -> None:
     """Plain vs augmented side by side: recovered width, worst 1 − |cos|, test relative MSE and
     every student's relative MSE (points, so that a value of 1 = 10⁰ stays visible)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     pair = out["plain_vs_augmented"]
     kinds = list(pair)
@@ -470,10 +464,7 @@ def plot_pair(out: dict, path: Path) -> None:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     rows = [x for x in out["shallow"] if x["recovered"] is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -11,14 +11,20 @@ if TYPE_CHECKING:
     from .pipeline import Recovery
 
 
-def plot_recovery(result: "Recovery", path: str | Path, comparison: "Comparison | None" = None) -> Path:
-    """Left: per teacher neuron, log10 of 1 − |cos| to the nearest recovered neuron (or, with
-    no teacher weights, each kept cluster's size); right: every student's relative MSE."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_recovery(result: "Recovery", path: str | Path, comparison: "Comparison | None" = None) -> Path:
+    """Left: per teacher neuron, log10 of 1 − |cos| to the nearest recovered neuron (or, with
+    no teacher weights, each kept cluster's size); right: every student's relative MSE."""
+    plt = pyplot()
     comparison = comparison if comparison is not None else result.comparison
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if comparison is not None and comparison.weight_distance:

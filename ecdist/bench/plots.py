@@ -1,4 +1,4 @@
-"""Figures of the benchmarks (matplotlib with the Agg backend, imported here only), one PNG each."""
+"""Figures of the benchmarks (matplotlib through ``ecdist.plots.pyplot``, Agg backend), one PNG each."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +6,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plots import pyplot
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -23,7 +16,7 @@ def _save(fig: Any, path: Path) -> Path:
         ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -39,7 +32,7 @@ def loglog_vs_m(ax: Any, title: str, unit: str) -> None:
 
 def students(res: dict[str, Any], path: Path) -> Path:
     """Students·epochs/s vs N and vs width (stacked and loop, ratio marked); the cost per student vs step size."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = res["stacked_vs_loop"]
     base = min(r["width"] for r in rows)
@@ -71,7 +64,7 @@ def students(res: dict[str, Any], path: Path) -> Path:
 
 def actors(res: dict[str, Any], path: Path) -> Path:
     """Students/s with one and two actors, per Ray setup, with the ratio."""
-    plt = _pyplot()
+    plt = pyplot()
     modes = [m for m in ("local", "cluster") if m in res]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(len(modes))
@@ -87,7 +80,7 @@ def actors(res: dict[str, Any], path: Path) -> Path:
 
 def cluster(res: dict[str, Any], path: Path) -> Path:
     """Clustering time and peak memory vs M, log-log, per backend and dimension, with the fitted slopes."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows, fits = res["rows"], res.get("fits", {})
     for dim, ls in zip(sorted({r["dim"] for r in rows}), ("-", "--", ":")):
@@ -109,7 +102,7 @@ def cluster(res: dict[str, Any], path: Path) -> Path:
 
 def recovery(res: dict[str, Any], path: Path) -> Path:
     """End-to-end time vs teacher width and vs depth, split into training, clustering and the rest."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, label in ((axes[0], "width", "teacher"), (axes[1], "depth", "teacher")):
         rows = res[key]
@@ -134,7 +127,7 @@ def recovery(res: dict[str, Any], path: Path) -> Path:
 
 def quality(res: dict[str, Any], path: Path) -> Path:
     """Overhead and worst 1 − |cos| (first layer) vs ρ and vs N, one line per teacher."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
     for col, (sweep, key, xlabel) in enumerate(((res["rho_sweep"], "rho", f"ρ (N = {res['rho_sweep_n_students']})"),
                                                 (res["n_sweep"], "n_students", f"students N (ρ = {res['n_sweep_rho']})"))):
