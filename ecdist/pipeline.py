@@ -64,7 +64,7 @@ class LayerResult:
     width: int
     neurons: pa.Table
     clusters: pa.Table
-    rule: str = "stable"  # the clustering rule whose candidates made the layer
+    rule: str = "stable"  # whose candidates made the layer: "stable", "reference", or "student" (one exact student, pruned)
     clustering: Clusters | None = None
 
 
@@ -660,7 +660,9 @@ def _reconstruct(
     With ``fallback``, a stable-rule result that does not fit exactly is retried with the
     authors' cut, which keeps more candidates (often every teacher neuron among them); the
     exact-fit pruning then removes its extras. The retry replaces the first answer only if its
-    fit is exact: otherwise its extra neurons would win merely by fitting more.
+    fit is exact: otherwise its extra neurons would win merely by fitting more. If neither rule
+    fits exactly, the best exact students (up to ``EXACT_STUDENTS_TRIED``) are each pruned alone
+    and the smallest exact result is kept (``_student_candidates``).
     """
     act = activations.get(config.activation)
     vectors = np.asarray(neurons.column("vector").combine_chunks().flatten()).reshape(neurons.num_rows, -1)
@@ -688,12 +690,27 @@ def _reconstruct(
         timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
         return _Attempt(clusters, col, final, (V, A, c, S), kept)
 
+    def one_student(s: int) -> _Attempt:
+        t1 = time.perf_counter()
+        clusters, col = _student_candidates(vectors, sids, s)
+        final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
+        timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
+        report("cluster", {"layer": layer + 1, "rule": "student", "kept": len(kept), "rows": len(col.vectors)})
+        return _Attempt(clusters, col, final, (V, A, c, S), kept)
+
     best = attempt(config.cluster_rule, REFERENCE_TOP if config.cluster_rule == "reference" else None)
     if config.fallback and config.prune and config.cluster_rule == "stable" and best.final > EXACT_FIT:
         other = attempt("reference", None)
         log.info("layer %d: stable rule fit %.1e, authors' cut with pruning %.1e", layer + 1, best.final, other.final)
         if other.final <= EXACT_FIT:  # more neurons always fit better: only an exact fit earns the switch
             best = other
+    if config.fallback and config.prune and best.final > EXACT_FIT:
+        exact = sorted((loss, s) for s, loss in losses.items() if loss <= EXACT_FIT)
+        for _, s in exact[:EXACT_STUDENTS_TRIED]:
+            other = one_student(s)
+            log.info("layer %d: student %d alone, pruned: %d neurons, fit %.1e", layer + 1, s, len(other.kept), other.final)
+            if other.final <= EXACT_FIT and (best.final > EXACT_FIT or len(other.kept) < len(best.kept)):
+                best = other
     if best.clusters.n_clusters == 0:
         log.warning(
             "layer %d: no cluster spans %d students; the students may not have converged "
@@ -701,6 +718,29 @@ def _reconstruct(
             layer + 1, best.clusters.min_students,
         )
     return _labelled(neurons, best.clusters), best
+
+
+EXACT_STUDENTS_TRIED = 3  # the fallback prunes up to this many exact students and keeps the smallest result
+
+
+def _student_candidates(vectors: np.ndarray, sids: np.ndarray, s: int) -> tuple[Clusters, Collapsed]:
+    """Every neuron of student ``s`` as its own one-member cluster: the last fallback's candidates.
+
+    An exact student already computes the teacher's function; pruning it to the neurons its
+    exact fit needs leaves the teacher's (up to symmetry) when clustering cannot, e.g. when
+    only two or three of the students reached the teacher's basin and a teacher neuron's
+    copies never span ⌊γN⌋ of them (digits ReLU 64-16-10).
+    """
+    rows = np.flatnonzero(sids == s)
+    labels = np.full(len(sids), -1, dtype=np.int64)
+    labels[rows] = np.arange(len(rows))
+    k = len(rows)
+    clusters = Clusters(
+        labels=labels, dropped=np.zeros(len(sids), dtype=bool), size=np.ones(k, dtype=np.int64),
+        n_students=np.ones(k, dtype=np.int64), height=np.zeros(k), separation=np.full(k, np.nan),
+        median_cos_dist=np.zeros(k), cut_height=float("nan"), min_students=1, rule="student", backend="none",
+    )
+    return clusters, Collapsed(vectors[rows], np.full(k, s, dtype=np.int64), rows, np.arange(k, dtype=np.int64))
 
 
 def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float] | None = None) -> dict[str, Any]:

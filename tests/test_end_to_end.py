@@ -8,10 +8,12 @@ classes are queried with std-2 Gaussian inputs, which reach the curved part of t
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import ecdist
@@ -62,8 +64,8 @@ def test_deterministic_under_seed():
     X = ecdist.queries.gaussian(500, 10, seed=4)
     config = ecdist.Config(activation="tanh", student_widths=[8], n_students=8, seed=5)
     a, b = ecdist.recover(teacher, X, config), ecdist.recover(teacher, X, config)
-    for pa, pb in zip(a.network.parameters(), b.network.parameters()):
-        assert np.array_equal(pa.detach().numpy(), pb.detach().numpy())
+    for p_a, p_b in zip(a.network.parameters(), b.network.parameters()):
+        assert np.array_equal(p_a.detach().numpy(), p_b.detach().numpy())
     assert np.array_equal(a.history, b.history)
 
 
@@ -102,6 +104,44 @@ def test_fallback_to_the_authors_cut_when_the_stable_rule_is_not_exact():
     assert with_fallback.layer_sizes == [4]
     assert max(report.max_weight_distance) < 1e-6
     assert with_fallback.layers[0].clusters.num_rows > 4  # the extras of the generous cut were pruned
+
+
+def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path):
+    """Only student 0 reached the teacher's basin: the others lack the copies of one teacher
+    neuron and stalled (rel_loss 1e-6), so no cluster of that neuron spans ⌊γN⌋ students and
+    neither rule's neurons fit. Pruning the exact student alone gives the teacher's width
+    and weights (digits ReLU 64-16-10 is this case for real: 2 or 3 of 10 students exact)."""
+    teacher = ecdist.teachers.random_mlp([8, 4, 1], "tanh", seed=3)
+    X = ecdist.queries.gaussian(1000, 8, seed=5)
+    config = ecdist.Config(activation="tanh", student_widths=[8], n_students=6, seed=2, threads=1)
+    trained = ecdist.recover(teacher, X, config)
+    assert trained.layer_sizes == [4] and trained.final_rel_mse < 1e-16
+
+    layer = trained.layers[0]
+    picked = layer.clusters.column("cluster").to_pylist()[layer.clusters.column("neuron").to_pylist().index(0)]
+    labels, sids = np.asarray(layer.neurons.column("cluster")), np.asarray(layer.neurons.column("student"))
+    gone = (labels == picked) & (sids != 0)
+    assert gone.sum() >= 2  # that neuron had copies beyond student 0's
+    students = trained.students.to_pydict()
+    students["rel_loss"] = [loss if s == 0 else 1e-6 for s, loss in zip(students["student"], students["rel_loss"])]
+    stalled = dataclasses.replace(
+        trained,
+        layers=[dataclasses.replace(layer, neurons=layer.neurons.filter(pa.array(~gone)))],
+        students=pa.table(students, schema=trained.students.schema),
+    )
+
+    without = ecdist.recluster(stalled, teacher, X, fallback=False)
+    assert without.final_rel_mse > 1e-6 and without.layer_sizes == [3]
+    with_fallback = ecdist.recluster(stalled, teacher, X, fallback=True)
+    assert with_fallback.layers[0].rule == "student"
+    assert with_fallback.layer_sizes == [4] and with_fallback.final_rel_mse < 1e-16
+    assert max(ecdist.compare(with_fallback.network, teacher, "tanh").max_weight_distance) < 1e-6
+    table = with_fallback.layers[0].clusters
+    assert set(table.column("source_student").to_pylist()) == {0}
+    assert table.num_rows == 8 and sum(n >= 0 for n in table.column("neuron").to_pylist()) == 4  # 4 pruned
+
+    again = ecdist.load(with_fallback.save(tmp_path / "result"))
+    assert again.layers[0].rule == "student" and again.layer_sizes == [4]
 
 
 @pytest.mark.parametrize("finish_lm", [True, False])
