@@ -171,7 +171,7 @@ def compare(
     )
 
 
-def identifiable(teacher: nn.Module, activation: str, X: np.ndarray) -> list[np.ndarray]:
+def identifiable(teacher: nn.Module, activation: str, X: np.ndarray, *, weights: bool = False) -> list[np.ndarray]:
     """Per hidden layer of the teacher, which neurons the inputs X can reveal at all (bool mask).
 
     A ReLU-like neuron (piecewise linear with its kink at 0) whose pre-activation keeps one
@@ -179,6 +179,14 @@ def identifiable(teacher: nn.Module, activation: str, X: np.ndarray) -> list[np.
     by the next layer's bias and weights, or the affine path). No method can read its weights
     from queries like X, so a recovery that leaves it out is right, and its 1 − |cos| means
     nothing. For smooth activations every neuron counts.
+
+    ``weights=True`` also leaves out the neurons that X shows to exist but whose weights it
+    does not determine: those whose rows on one side of the kink do not span the inputs' affine
+    hull (fewer than d + 1 in general position). Other hyperplanes then put the same rows on
+    the same sides and, with the difference of the linear pieces moved into the affine path,
+    give the same outputs on every row — digits ReLU 64-16-10 has a neuron active on 49 of
+    5,752 queries in 61 dimensions, recovered exactly as a function but 4% off in angle. Count
+    widths with the default mask and compare angles with this one.
 
         >>> import numpy as np, torch, ecdist
         >>> t = ecdist.teachers.random_mlp([3, 2, 1], "relu", seed=0)
@@ -195,12 +203,21 @@ def identifiable(teacher: nn.Module, activation: str, X: np.ndarray) -> list[np.
     masks, h = [], X
     for W, b in layers[:-1]:
         z = h @ W.T + b
-        if act.symmetry.scaling:  # piecewise linear: the kink at 0 is all that is not linear
-            masks.append(((z > 0).any(axis=0) & (z < 0).any(axis=0)))
-        else:
+        if not act.symmetry.scaling:
             masks.append(np.ones(z.shape[1], dtype=bool))
+        elif weights:  # the rows on each side of the kink must pin it down
+            full = _affine_rank(h)
+            masks.append(np.array([_affine_rank(h[z[:, j] > 0]) == full and _affine_rank(h[z[:, j] < 0]) == full
+                                   for j in range(z.shape[1])], dtype=bool))
+        else:  # piecewise linear: the kink at 0 is all that is not linear
+            masks.append((z > 0).any(axis=0) & (z < 0).any(axis=0))
         h = act.fn(torch.from_numpy(z)).numpy()
     return masks
+
+
+def _affine_rank(rows: np.ndarray) -> int:
+    """Dimension of the affine hull of ``rows`` plus one (0 for no rows): rank of [rows | 1]."""
+    return int(np.linalg.matrix_rank(np.hstack([rows, np.ones((len(rows), 1))]))) if len(rows) else 0
 
 
 def _layers(net: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -188,6 +188,45 @@ def test_identifiable_leaves_out_dead_and_always_on_kinked_neurons(activation):
     assert (z[:, 1] < 0).all() and (z[:, 2] > 0).all() and ((z[:, 0] > 0).any() and (z[:, 0] < 0).any())
 
 
+@pytest.mark.parametrize("side", ["active", "inactive"])
+def test_identifiable_leaves_out_a_kink_that_few_rows_cross(side):
+    """A ReLU neuron active (or inactive) on only 3 rows of 5-dimensional inputs: another
+    hyperplane through the same split, with the pieces' difference moved into the affine path,
+    computes the same outputs on every row, so ``weights=True`` leaves it out while the default
+    mask (it does change the outputs) keeps it; with 6 rows on that side (d + 1, in general
+    position) its weights are determined again."""
+    X = ecdist.queries.gaussian(500, 5, seed=1)
+    t = ecdist.teachers.random_mlp([5, 2, 1], "relu", seed=0)
+    w = t.layers[0].weight.detach().numpy()[0].copy()
+    proj = np.sort(X @ w)
+    sign = 1.0 if side == "active" else -1.0
+    masks = []
+    for k in (3, 6):
+        with torch.no_grad():  # the split between the k-th and (k+1)-th row from the top of w·x
+            t.layers[0].weight[0] = torch.as_tensor(sign * w)
+            t.layers[0].bias[0] = -sign * float(proj[-k] + proj[-k - 1]) / 2
+        masks.append(ecdist.identifiable(t, "relu", X, weights=True)[0])
+        assert ecdist.identifiable(t, "relu", X)[0].tolist() == [True, True]
+        z = X @ t.layers[0].weight.detach().numpy()[0] + t.layers[0].bias.detach().numpy()[0]
+        assert ((z > 0) if side == "active" else (z < 0)).sum() == k
+    assert masks[0].tolist() == [False, True] and masks[1].tolist() == [True, True]
+
+
+def test_a_kink_that_three_rows_cross_is_not_determined_by_them():
+    """What the mask above claims: tilting the hyperplane in a direction [u; c] with u·x + c = 0
+    on the 3 active rows changes the neuron's weights but not its output on any row."""
+    X = ecdist.queries.gaussian(500, 5, seed=1)
+    w = ecdist.teachers.random_mlp([5, 2, 1], "relu", seed=0).layers[0].weight.detach().numpy()[0]
+    proj = np.sort(X @ w)
+    wb = np.r_[w, -(proj[-3] + proj[-4]) / 2]
+    Xa = np.hstack([X, np.ones((500, 1))])
+    active = Xa @ wb > 0
+    tilt = np.linalg.svd(Xa[active])[2][-1]  # orthogonal to the 3 active rows
+    tilted = wb + 0.01 * tilt
+    assert np.abs(np.maximum(Xa @ tilted, 0) - np.maximum(Xa @ wb, 0)).max() < 1e-12
+    assert 1 - abs(tilted[:5] @ w) / np.linalg.norm(tilted[:5]) / np.linalg.norm(w) > 1e-6
+
+
 def test_identifiable_counts_every_neuron_of_a_smooth_teacher_and_checks_the_inputs():
     t = ecdist.teachers.random_mlp([5, 4, 1], "softplus", seed=0)
     with torch.no_grad():
