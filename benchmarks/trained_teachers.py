@@ -13,8 +13,11 @@ Reported per teacher: recovered width, overhead (recovered − r)/r, worst and m
 over teacher neurons (nearest recovered neuron, symmetry-aware), and the functional relative
 MSE on the held-out test images.
 For ReLU also the teacher neurons the queries can reveal at all (``ecdist.identifiable``: a
-neuron dead or always on over every query is left out) and the overhead and worst 1 − |cos|
-over those (``*_identifiable``); for the other activations these equal the plain figures.
+neuron dead or always on over every query is left out) and the overhead over those; the worst
+1 − |cos| over those whose weights the queries determine (``identifiable(..., weights=True)``:
+a kink that too few queries cross can tilt without changing any output; such neurons are listed
+in ``undetermined_neurons``) (``*_identifiable``); for the other activations these equal the
+plain figures.
 A teacher whose recovery stops with ``RecoveryError`` (no cluster in a layer the next one needs)
 is a row too: ``recovered`` null and the ``error``.
 
@@ -38,7 +41,7 @@ hours on one CPU core). ``--collect`` gathers the rows of the result files named
 table over the cases the issue asks for — ``results/trained_teachers_table.json`` and ``.png`` —
 with each case's verdict, the row it comes from, and the cases not measured yet. Where a case has
 rows run with different LM budgets, the row with the script's current budget (``lm_budget``) counts,
-the newest file first; the others stay in the table as ``superseded``.
+the newest file first and, within a file, the later row; the others stay in the table as ``superseded``.
 
 Run:  python benchmarks/trained_teachers.py [--quick] [--device cuda] [--out FILE] [--runs DIR]
       python benchmarks/trained_teachers.py --train-images 400 --widths 8 --threads 1
@@ -89,9 +92,11 @@ def script_budget(act: str, deep: bool) -> dict:
 
 
 def lm_budget(act: str, args: argparse.Namespace, deep: bool = False) -> dict:
-    """The LM fields of Config for ``act``: ``script_budget``, overridden by --lm-max-iter / --stall-window."""
+    """The LM fields of Config for ``act``: ``script_budget``, overridden by --lm-max-iter, --stall-window,
+    --restart-above and --student-tol."""
     given = {k: v for k, v in (("lm_max_iter", args.lm_max_iter), ("stall_window", args.stall_window),
-                               ("restart_above", args.restart_above)) if v is not None}
+                               ("restart_above", args.restart_above), ("student_tol", args.student_tol))
+             if v is not None}
     return script_budget(act, deep) | given
 
 
@@ -143,10 +148,12 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
     dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
-    # a ReLU neuron that is dead (or always on) on every query cannot be recovered by any method
+    # a ReLU neuron that is dead (or always on) on every query cannot be recovered by any method;
+    # one whose kink too few queries cross counts in the width, but its angle is not determined
     ident = ecdist.identifiable(tm, act, Q)
+    pinned = ecdist.identifiable(tm, act, Q, weights=True)
     seen = [int(m.sum()) for m in ident]
-    dists_seen = [d[m] if len(d) == len(m) else d for d, m in zip(dists, ident)]
+    dists_seen = [d[m] if len(d) == len(m) else d for d, m in zip(dists, pinned)]
     row = {
         "dataset": dataset, "activation": act, "r": hidden[0] if len(hidden) == 1 else hidden, "queries": kind,
         "n_queries": len(Q), "masked_inputs": int((~mask).sum()), "teacher_test_accuracy": t.test_accuracy,
@@ -163,6 +170,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "worst_1_minus_cos_per_layer": [float(d.max()) for d in dists],
         "identifiable_r": seen[0] if len(hidden) == 1 else seen,
         "unidentifiable_neurons": [np.flatnonzero(~m).tolist() for m in ident],
+        "undetermined_neurons": [np.flatnonzero(m & ~p).tolist() for m, p in zip(ident, pinned)],
         "overhead_identifiable": (res.layer_sizes[0] - seen[0]) / seen[0] if len(hidden) == 1
         else [(k - r) / r for k, r in zip(res.layer_sizes, seen)],
         "worst_1_minus_cos_identifiable": float(max((d.max() for d in dists_seen if d.size), default=0.0)),
@@ -172,7 +180,8 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "students_steps": np.asarray(res.students.column("steps")).tolist(),
         "students_status": res.students.column("status").to_pylist(),
         "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")}
-        | ({"restart_above": cfg.restart_above} if cfg.restart_above != ecdist.Config.restart_above else {}),
+        | ({"restart_above": cfg.restart_above} if cfg.restart_above != ecdist.Config.restart_above else {})
+        | ({"student_tol": cfg.student_tol} if cfg.student_tol != ecdist.Config.student_tol else {}),
         "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
     }
     if out is not None:  # the time of this process only when it resumed a stopped run
@@ -209,6 +218,8 @@ def main() -> int:
                     help="Config.restart_above: restart students that stall above this (recorded in lm_budget)")
     ap.add_argument("--lm-max-iter", type=int, default=None, help="Config.lm_max_iter (default: LM_BUDGET, else Config's)")
     ap.add_argument("--stall-window", type=int, default=None, help="Config.stall_window (default: LM_BUDGET, else Config's)")
+    ap.add_argument("--student-tol", type=float, default=None,
+                    help="Config.student_tol (default Config's, 1e-16; recorded in lm_budget when given)")
     args = ap.parse_args()
     if args.collect is not None:
         return collect(args.collect or [_common.RESULTS / f for f in SOURCES],
@@ -300,7 +311,8 @@ def subset_pair(args: argparse.Namespace) -> int:
 def verdict(row: dict) -> str:
     """What a row shows against the issue's bar: "exact" (every layer's width equals the teacher's
     and every teacher neuron has 1 − |cos| < 1e-3), "exact_identifiable" (the same for the neurons the
-    queries can reveal: a ReLU neuron dead on every query cannot be recovered), "within_bound"
+    queries can reveal: a ReLU neuron dead on every query cannot be recovered, and one whose kink
+    too few queries cross has no determined angle), "within_bound"
     (shallow: overhead ≤ 5%; deep: every width within +1; neurons < 1e-3), "wrong" or "not_recovered"."""
     if row.get("recovered") is None:
         return "not_recovered"
@@ -326,7 +338,7 @@ def collect(sources: list[Path], path: Path) -> int:
         for row in data.get("shallow", []) + data.get("deep", []):
             budget = row.get("lm_budget") or DEFAULT_LM  # rows from before LM budgets were recorded: the defaults
             rows.append(row | {
-                "source": src.name, "order": order,
+                "source": src.name, "order": order, "position": len(rows),
                 "device": "cuda" if "gpu" in src.name else "cpu",
                 "lm_budget": budget,
                 "current_budget": budget == DEFAULT_LM | script_budget(row["activation"], isinstance(row["r"], list)),
@@ -340,7 +352,7 @@ def collect(sources: list[Path], path: Path) -> int:
     for ds, r, a in asked + [(ds, list(r), a) for ds, r, a in extra]:
         mine = [x for x in rows if x["dataset"] == ds and x["activation"] == a
                 and np.atleast_1d(x["r"]).tolist() == r]
-        mine.sort(key=lambda x: (x["current_budget"], x["order"]), reverse=True)
+        mine.sort(key=lambda x: (x["current_budget"], x["order"], x["position"]), reverse=True)
         case = {"dataset": ds, "activation": a, "r": r, "asked": (ds, r, a) in asked,
                 "verdict": mine[0]["verdict"] if mine else "not_measured"}
         if mine:

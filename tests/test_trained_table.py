@@ -56,6 +56,16 @@ def test_the_current_budget_wins_then_the_newer_file(tmp_path):
     assert (t["recovered"], t["verdict"], t["source"]) == (16, "exact", "trained_teachers_cpu1.json")
 
 
+def test_a_later_row_of_the_same_file_and_budget_wins(tmp_path):
+    """A case re-run with the same budget (a new reconstruction of the same teacher) is appended
+    to the same file: the later row counts, the earlier one is superseded."""
+    rows = [row("digits", "relu", 16, 14, 0.6, identifiable_r=15, worst_1_minus_cos_identifiable=0.6),
+            row("digits", "relu", 16, 15, 0.7, identifiable_r=15, worst_1_minus_cos_identifiable=2e-16)]
+    c = case(collect(tmp_path, {"shallow": rows}), "digits", "relu", [16])
+    assert (c["recovered"], c["verdict"]) == (15, "exact_identifiable")
+    assert [(x["recovered"], x["verdict"]) for x in c["superseded"]] == [(14, "wrong")]
+
+
 VERDICTS = [  # one case each: (dataset, activation, r, recovered, worst, extra fields, verdict)
     ("digits", "tanh", 8, 8, 2e-4, {}, "exact"),
     ("digits", "sigmoid", 8, 8, 2e-3, {}, "wrong"),  # the right width with a neuron off by more than 1e-3
