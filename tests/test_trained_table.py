@@ -66,6 +66,20 @@ def test_a_later_row_of_the_same_file_and_budget_wins(tmp_path):
     assert [(x["recovered"], x["verdict"]) for x in c["superseded"]] == [(14, "wrong")]
 
 
+def test_deep_g_rows_count_with_the_lower_student_tolerance(tmp_path):
+    """Deep g students run on to student_tol 1e-28 (DEEP_G_BUDGET); a row stopped at Config's
+    1e-16 is superseded by one with the script's budget, while deep tanh keeps DEEP_LM_BUDGET."""
+    deep = {"lm_max_iter": 1500, "stall_window": 300}
+    rows = [row("digits", "g", [16, 16], [16, 16], 2e-16, lm_budget=deep | {"student_tol": 1e-28}),
+            row("digits", "g", [16, 16], [17, 15], 0.1, lm_budget=deep),
+            row("digits", "tanh", [16, 16], [16, 16], 2e-16, lm_budget=deep)]
+    table = collect(tmp_path, {"deep": rows})
+    g = case(table, "digits", "g", [16, 16])
+    assert (g["recovered"], g["verdict"], g["current_budget"]) == ([16, 16], "exact", True)
+    assert [x["recovered"] for x in g["superseded"]] == [[17, 15]]
+    assert case(table, "digits", "tanh", [16, 16])["current_budget"] is True
+
+
 VERDICTS = [  # one case each: (dataset, activation, r, recovered, worst, extra fields, verdict)
     ("digits", "tanh", 8, 8, 2e-4, {}, "exact"),
     ("digits", "sigmoid", 8, 8, 2e-3, {}, "wrong"),  # the right width with a neuron off by more than 1e-3
