@@ -117,8 +117,8 @@ class Config:
     )
     fallback: bool = _doc(
         "when the stable rule's neurons do not fit exactly, retry with the authors' generous cut and use it "
-        "if its fit is exact (pruning removes its extras); failing that, prune the best exact students alone "
-        "and keep the smallest exact result",
+        "if its fit is exact (pruning removes its extras); failing that (with either rule), prune the best exact "
+        "students alone and keep the smallest exact result",
         default=True,
     )
     pack_size: int = _doc(

@@ -181,12 +181,16 @@ def identifiable(teacher: nn.Module, activation: str, X: np.ndarray, *, weights:
     nothing. For smooth activations every neuron counts.
 
     ``weights=True`` also leaves out the neurons that X shows to exist but whose weights it
-    does not determine: those whose rows on one side of the kink do not span the inputs' affine
-    hull (fewer than d + 1 in general position). Other hyperplanes then put the same rows on
-    the same sides and, with the difference of the linear pieces moved into the affine path,
-    give the same outputs on every row — digits ReLU 64-16-10 has a neuron active on 49 of
-    5,752 queries in 61 dimensions, recovered exactly as a function but 4% off in angle. Count
-    widths with the default mask and compare angles with this one.
+    provably does not determine: those whose rows on one side of the kink (z ≥ 0 or z ≤ 0) do
+    not span the affine hull of the layer's inputs (fewer than d + 1 in general position).
+    If the *active* rows of a ReLU neuron fall short, a hyperplane tilted along [u; c] with
+    u·h + c = 0 on them gives the same activation on every row, in any layer — digits ReLU
+    64-16-10 has a neuron active on 49 of 5,752 queries in 61 dimensions, recovered exactly as
+    a function but 4% off in angle. If the inactive rows fall short (or either side, for leaky
+    ReLU), the tilt changes a linear piece and only an affine path from the layer's inputs to
+    the outputs undoes it: the one-hidden-layer reconstruction has one, deeper layers do not,
+    so there only the first case counts. Count widths with the default mask and compare angles
+    with this one.
 
         >>> import numpy as np, torch, ecdist
         >>> t = ecdist.teachers.random_mlp([3, 2, 1], "relu", seed=0)
@@ -201,16 +205,22 @@ def identifiable(teacher: nn.Module, activation: str, X: np.ndarray, *, weights:
     if X.shape[1] != layers[0][0].shape[1]:
         raise TeacherError(f"X has {X.shape[1]} inputs but the teacher takes {layers[0][0].shape[1]}")
     masks, h = [], X
+    affine_path = len(layers) == 2  # one hidden layer: the reconstruction's x → output path
+    zero_below = float(act.fn(torch.tensor(-1.0))) == 0.0  # ReLU (not leaky): the tilt below the kink is free
     for W, b in layers[:-1]:
         z = h @ W.T + b
         if not act.symmetry.scaling:
             masks.append(np.ones(z.shape[1], dtype=bool))
-        elif weights:  # the rows on each side of the kink must pin it down
+            h = act.fn(torch.from_numpy(z)).numpy()
+            continue
+        mask = (z > 0).any(axis=0) & (z < 0).any(axis=0)  # piecewise linear: the kink at 0 is all that is not linear
+        if weights:  # the rows on a side of the kink must pin it down
             full = _affine_rank(h)
-            masks.append(np.array([_affine_rank(h[z[:, j] > 0]) == full and _affine_rank(h[z[:, j] < 0]) == full
-                                   for j in range(z.shape[1])], dtype=bool))
-        else:  # piecewise linear: the kink at 0 is all that is not linear
-            masks.append((z > 0).any(axis=0) & (z < 0).any(axis=0))
+            for j in np.flatnonzero(mask):
+                short_on, short_off = _affine_rank(h[z[:, j] >= 0]) < full, _affine_rank(h[z[:, j] <= 0]) < full
+                if (short_on and zero_below) or (affine_path and (short_on or short_off)):
+                    mask[j] = False
+        masks.append(mask)
         h = act.fn(torch.from_numpy(z)).numpy()
     return masks
 

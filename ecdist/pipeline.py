@@ -690,15 +690,15 @@ def _reconstruct(
         timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
         return _Attempt(clusters, col, final, (V, A, c, S), kept)
 
-    def one_student(s: int) -> _Attempt:
+    def one_student(s: int, clustered: Clusters) -> _Attempt:
         t1 = time.perf_counter()
-        clusters, col = _student_candidates(vectors, sids, s)
+        clusters, col = _student_candidates(vectors, sids, s, clustered)
         final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
         timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
-        report("cluster", {"layer": layer + 1, "rule": "student", "kept": len(kept), "rows": len(col.vectors)})
+        report("student", {"layer": layer + 1, "student": s, "kept": len(kept), "rows": len(col.vectors), "rel_mse": final})
         return _Attempt(clusters, col, final, (V, A, c, S), kept)
 
-    best = attempt(config.cluster_rule, REFERENCE_TOP if config.cluster_rule == "reference" else None)
+    best = first = attempt(config.cluster_rule, REFERENCE_TOP if config.cluster_rule == "reference" else None)
     if config.fallback and config.prune and config.cluster_rule == "stable" and best.final > EXACT_FIT:
         other = attempt("reference", None)
         log.info("layer %d: stable rule fit %.1e, authors' cut with pruning %.1e", layer + 1, best.final, other.final)
@@ -707,7 +707,7 @@ def _reconstruct(
     if config.fallback and config.prune and best.final > EXACT_FIT:
         exact = sorted((loss, s) for s, loss in losses.items() if loss <= EXACT_FIT)
         for _, s in exact[:EXACT_STUDENTS_TRIED]:
-            other = one_student(s)
+            other = one_student(s, first.clusters)
             log.info("layer %d: student %d alone, pruned: %d neurons, fit %.1e", layer + 1, s, len(other.kept), other.final)
             if other.final <= EXACT_FIT and (best.final > EXACT_FIT or len(other.kept) < len(best.kept)):
                 best = other
@@ -723,22 +723,26 @@ def _reconstruct(
 EXACT_STUDENTS_TRIED = 3  # the fallback prunes up to this many exact students and keeps the smallest result
 
 
-def _student_candidates(vectors: np.ndarray, sids: np.ndarray, s: int) -> tuple[Clusters, Collapsed]:
+def _student_candidates(
+    vectors: np.ndarray, sids: np.ndarray, s: int, clustered: Clusters
+) -> tuple[Clusters, Collapsed]:
     """Every neuron of student ``s`` as its own one-member cluster: the last fallback's candidates.
 
     An exact student already computes the teacher's function; pruning it to the neurons its
     exact fit needs leaves the teacher's (up to symmetry) when clustering cannot, e.g. when
     only two or three of the students reached the teacher's basin and a teacher neuron's
-    copies never span ⌊γN⌋ of them (digits ReLU 64-16-10).
+    copies never span ⌊γN⌋ of them (digits ReLU 64-16-10). ``clustered``: the layer's first
+    clustering, whose negligible-row marks and backend the tables keep.
     """
     rows = np.flatnonzero(sids == s)
     labels = np.full(len(sids), -1, dtype=np.int64)
     labels[rows] = np.arange(len(rows))
     k = len(rows)
     clusters = Clusters(
-        labels=labels, dropped=np.zeros(len(sids), dtype=bool), size=np.ones(k, dtype=np.int64),
+        labels=labels, dropped=clustered.dropped, size=np.ones(k, dtype=np.int64),
         n_students=np.ones(k, dtype=np.int64), height=np.zeros(k), separation=np.full(k, np.nan),
-        median_cos_dist=np.zeros(k), cut_height=float("nan"), min_students=1, rule="student", backend="none",
+        median_cos_dist=np.zeros(k), cut_height=float("nan"), min_students=1, rule="student",
+        backend=clustered.backend,
     )
     return clusters, Collapsed(vectors[rows], np.full(k, s, dtype=np.int64), rows, np.arange(k, dtype=np.int64))
 

@@ -45,6 +45,11 @@ class RichProgress:
             self._bar.update(self._task, completed=int((status != 0).sum()), info=text)
         elif event == "cluster":
             self._bar.console.print(f"layer {info['layer']}: {info['kept']} clusters kept from {info['rows']} neurons")
+        elif event == "student":
+            self._bar.console.print(
+                f"layer {info['layer']}: no rule fits exactly; student {info['student']} alone, pruned: "
+                f"{info['kept']} of {info['rows']} neurons, relative MSE {info['rel_mse']:.1e}"
+            )
         elif event == "resume":
             what = "the finished run's result" if info.get("finished") else f"layer {info['layer']}'s clustering"
             self._bar.console.print(f"resumed: {what} read from the run folder")

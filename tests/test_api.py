@@ -188,15 +188,23 @@ def test_identifiable_leaves_out_dead_and_always_on_kinked_neurons(activation):
     assert (z[:, 1] < 0).all() and (z[:, 2] > 0).all() and ((z[:, 0] > 0).any() and (z[:, 0] < 0).any())
 
 
-@pytest.mark.parametrize("side", ["active", "inactive"])
-def test_identifiable_leaves_out_a_kink_that_few_rows_cross(side):
-    """A ReLU neuron active (or inactive) on only 3 rows of 5-dimensional inputs: another
-    hyperplane through the same split, with the pieces' difference moved into the affine path,
-    computes the same outputs on every row, so ``weights=True`` leaves it out while the default
-    mask (it does change the outputs) keeps it; with 6 rows on that side (d + 1, in general
-    position) its weights are determined again."""
+KINK_CASES = [  # activation, teacher, side with 3 rows: is the neuron's weights determined (weights=True)?
+    ("relu", [5, 2, 1], "active", False), ("relu", [5, 2, 1], "inactive", False),
+    ("relu", [5, 2, 2, 1], "active", False), ("relu", [5, 2, 2, 1], "inactive", True),
+    ("leaky_relu", [5, 2, 1], "active", False), ("leaky_relu", [5, 2, 1], "inactive", False),
+    ("leaky_relu", [5, 2, 2, 1], "active", True), ("leaky_relu", [5, 2, 2, 1], "inactive", True),
+]
+
+
+@pytest.mark.parametrize("activation,widths,side,determined", KINK_CASES)
+def test_identifiable_leaves_out_a_kink_that_few_rows_cross(activation, widths, side, determined):
+    """A kinked neuron with only 3 rows of 5-dimensional inputs on one side of its kink: other
+    hyperplanes split the rows alike (see the next test). ``weights=True`` leaves it out where
+    the tilt provably changes no output — the active side of a ReLU in any layer, either side
+    with the one-hidden-layer affine path — while the default mask (it does change the outputs)
+    keeps it; with 6 rows on that side (d + 1, in general position) its weights are determined."""
     X = ecdist.queries.gaussian(500, 5, seed=1)
-    t = ecdist.teachers.random_mlp([5, 2, 1], "relu", seed=0)
+    t = ecdist.teachers.random_mlp(widths, activation, seed=0)
     w = t.layers[0].weight.detach().numpy()[0].copy()
     proj = np.sort(X @ w)
     sign = 1.0 if side == "active" else -1.0
@@ -205,26 +213,37 @@ def test_identifiable_leaves_out_a_kink_that_few_rows_cross(side):
         with torch.no_grad():  # the split between the k-th and (k+1)-th row from the top of w·x
             t.layers[0].weight[0] = torch.as_tensor(sign * w)
             t.layers[0].bias[0] = -sign * float(proj[-k] + proj[-k - 1]) / 2
-        masks.append(ecdist.identifiable(t, "relu", X, weights=True)[0])
-        assert ecdist.identifiable(t, "relu", X)[0].tolist() == [True, True]
+        masks.append(ecdist.identifiable(t, activation, X, weights=True)[0])
+        assert ecdist.identifiable(t, activation, X)[0].tolist() == [True, True]
         z = X @ t.layers[0].weight.detach().numpy()[0] + t.layers[0].bias.detach().numpy()[0]
         assert ((z > 0) if side == "active" else (z < 0)).sum() == k
-    assert masks[0].tolist() == [False, True] and masks[1].tolist() == [True, True]
+    assert masks[0].tolist() == [determined, True] and masks[1].tolist() == [True, True]
 
 
-def test_a_kink_that_three_rows_cross_is_not_determined_by_them():
-    """What the mask above claims: tilting the hyperplane in a direction [u; c] with u·x + c = 0
-    on the 3 active rows changes the neuron's weights but not its output on any row."""
+@pytest.mark.parametrize("activation,side", [("relu", "active"), ("relu", "inactive"), ("leaky_relu", "active")])
+def test_a_kink_that_three_rows_cross_is_not_determined_by_them(activation, side):
+    """What the mask above claims: tilting the hyperplane along [u; c] with u·x + c = 0 on the 3
+    rows changes the neuron's weights, and the outputs on every row stay the same — at once for
+    a ReLU's active side, after an affine correction (the one-hidden-layer affine path) else."""
+    act = ecdist.activations.get(activation)
     X = ecdist.queries.gaussian(500, 5, seed=1)
     w = ecdist.teachers.random_mlp([5, 2, 1], "relu", seed=0).layers[0].weight.detach().numpy()[0]
     proj = np.sort(X @ w)
-    wb = np.r_[w, -(proj[-3] + proj[-4]) / 2]
+    sign = 1.0 if side == "active" else -1.0
+    wb = sign * np.r_[w, -(proj[-3] + proj[-4]) / 2]
     Xa = np.hstack([X, np.ones((500, 1))])
-    active = Xa @ wb > 0
-    tilt = np.linalg.svd(Xa[active])[2][-1]  # orthogonal to the 3 active rows
+    few = (Xa @ wb > 0) if side == "active" else (Xa @ wb < 0)
+    assert few.sum() == 3
+    tilt = np.linalg.svd(Xa[few])[2][-1]  # orthogonal to the 3 rows
     tilted = wb + 0.01 * tilt
-    assert np.abs(np.maximum(Xa @ tilted, 0) - np.maximum(Xa @ wb, 0)).max() < 1e-12
-    assert 1 - abs(tilted[:5] @ w) / np.linalg.norm(tilted[:5]) / np.linalg.norm(w) > 1e-6
+    before, after = (act.fn(torch.as_tensor(Xa @ v)).numpy() for v in (wb, tilted))
+    if activation == "relu" and side == "active":
+        assert np.abs(after - before).max() < 1e-12
+    else:
+        assert np.abs(after - before).max() > 1e-4  # the tilt alone changes a linear piece ...
+        theta = np.linalg.lstsq(Xa, before - after, rcond=None)[0]
+        assert np.abs(after + Xa @ theta - before).max() < 1e-12  # ... which the affine path undoes
+    assert 1 - abs(tilted[:5] @ wb[:5]) / np.linalg.norm(tilted[:5]) / np.linalg.norm(wb[:5]) > 1e-6
 
 
 def test_identifiable_counts_every_neuron_of_a_smooth_teacher_and_checks_the_inputs():

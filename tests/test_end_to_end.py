@@ -139,6 +139,8 @@ def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path):
     table = with_fallback.layers[0].clusters
     assert set(table.column("source_student").to_pylist()) == {0}
     assert table.num_rows == 8 and sum(n >= 0 for n in table.column("neuron").to_pylist()) == 4  # 4 pruned
+    # the neuron table keeps the first clustering's negligible-row marks
+    assert with_fallback.layers[0].neurons.column("dropped").equals(without.layers[0].neurons.column("dropped"))
 
     again = ecdist.load(with_fallback.save(tmp_path / "result"))
     assert again.layers[0].rule == "student" and again.layer_sizes == [4]
