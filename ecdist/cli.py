@@ -265,6 +265,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_RULE_NOTES = {  # a layer whose candidates came from a fallback says so under the table
+    "reference": "the stable rule did not fit exactly; candidates from the authors' cut, pruned",
+    "student": "no clustering rule fit exactly; one exact student's neurons, pruned",
+}
+
+
 def _print_result(result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -285,6 +291,9 @@ def _print_result(result) -> None:
         else:
             table.add_row(str(i + 1), str(layer.width), "?", "", "", "", spread)
     console.print(table)
+    for layer in result.layers:
+        if layer.rule in _RULE_NOTES and layer.rule != result.config.cluster_rule:
+            console.print(f"layer {layer.index}: {_RULE_NOTES[layer.rule]}")
     if rep is not None:
         console.print(f"functional relative MSE on {rep.n_test} fresh inputs: {rep.functional_mse:.2e}")
 

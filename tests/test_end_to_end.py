@@ -18,6 +18,7 @@ import pytest
 
 import ecdist
 from ecdist import activations
+from ecdist.cli import _print_result
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ def test_fallback_to_the_authors_cut_when_the_stable_rule_is_not_exact():
     assert with_fallback.layers[0].clusters.num_rows > 4  # the extras of the generous cut were pruned
 
 
-def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path):
+def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path, capsys):
     """Only student 0 reached the teacher's basin: the others lack the copies of one teacher
     neuron and stalled (rel_loss 1e-6), so no cluster of that neuron spans ⌊γN⌋ students and
     neither rule's neurons fit. Pruning the exact student alone gives the teacher's width
@@ -144,6 +145,8 @@ def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path):
 
     again = ecdist.load(with_fallback.save(tmp_path / "result"))
     assert again.layers[0].rule == "student" and again.layer_sizes == [4]
+    _print_result(again)  # what `ecdist recover` prints under its table
+    assert "layer 1: no clustering rule fit exactly; one exact student's neurons, pruned" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("finish_lm", [True, False])
