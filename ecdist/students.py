@@ -103,6 +103,10 @@ class StudentPack:
         self.lam = np.full(len(self.ids), 1e-2)
         self.seed = 0  # students' initialisation seed (restarts draw from it too)
         self.restarts = np.zeros(len(self.ids), dtype=np.int64)
+        # each student's best attempt so far that a restart replaced (loss inf: none yet); restored by
+        # ``keep_best`` when the later attempts end worse
+        self.stash_loss = np.full(len(self.ids), np.inf)
+        self.stash_theta: torch.Tensor | None = None
         self.history: list[np.ndarray] = []  # one row of rel_loss per logged step
         self.history_steps: list[int] = []
         self.steps = 0
@@ -137,13 +141,38 @@ class StudentPack:
         return pack
 
     def restart(self, rows: np.ndarray) -> None:
-        """Re-initialise the students at ``rows`` with their next attempt's seed (seed, id, attempt)."""
+        """Re-initialise the students at ``rows`` with their next attempt's seed (seed, id, attempt),
+        stashing the attempt it replaces when it is the student's best so far."""
+        better = [int(r) for r in rows if self.rel_loss[r] < self.stash_loss[r]]
+        if better:
+            if self.stash_theta is None:
+                self.stash_theta = self.theta.detach().clone()
+            self.stash_theta[better] = self.theta[better].detach()
+            self.stash_loss[better] = self.rel_loss[better]
         for r in rows:
             self.restarts[r] += 1
             fresh = _init_row(self.widths, self.seed, int(self.ids[r]), int(self.restarts[r]), 1.0)
             self.theta[r] = torch.as_tensor(fresh, dtype=self.theta.dtype, device=self.theta.device)
         self.status[rows] = ACTIVE
         self.lam[rows] = 1e-2
+
+    def keep_best(self) -> np.ndarray:
+        """Give each student back its stashed attempt where that one fit better than the last.
+
+        A restart judges a stall, not a loss: a deep g student (digits 64-8-8-10) creeping at 4.8e-6
+        was restarted at LM step 650, and 150 steps later its fresh start was at 3.0e-5. Returns the rows restored
+        (marked stalled, as the stashed attempt was; the last history row shows their loss).
+        """
+        rows = np.flatnonzero(self.stash_loss < self.rel_loss)
+        if rows.size:
+            self.theta[torch.as_tensor(rows, device=self.theta.device)] = self.stash_theta[
+                torch.as_tensor(rows, device=self.stash_theta.device)
+            ]
+            self.rel_loss[rows] = self.stash_loss[rows]
+            self.status[rows] = STALLED
+            if self.history:
+                self.history[-1] = self.rel_loss.copy()
+        return rows
 
     def _layout(self) -> list[tuple[int, int, int, int]]:
         out, start = [], 0
@@ -524,7 +553,10 @@ class StudentPack:
             "steps": np.asarray(self.steps),
             "seed": np.asarray(self.seed),
             "restarts": self.restarts,
-        } | ({f"lm_{k}": v for k, v in self.lm_run.items()} if self.lm_run is not None else {})
+        } | ({f"lm_{k}": v for k, v in self.lm_run.items()} if self.lm_run is not None else {}) | (
+            {"stash_theta": self.stash_theta.detach().cpu().numpy(), "stash_loss": self.stash_loss}
+            if self.stash_theta is not None else {}
+        )
 
     @classmethod
     def from_state(
@@ -547,6 +579,9 @@ class StudentPack:
         pack.restarts = state["restarts"].astype(np.int64)
         if "lm_start" in state:
             pack.lm_run = {k: state[f"lm_{k}"] for k in ("start", "window", "since")}
+        if "stash_theta" in state:  # checkpoints from before restarts kept the best attempt have none
+            pack.stash_theta = torch.as_tensor(state["stash_theta"], dtype=dtype, device=device)
+            pack.stash_loss = state["stash_loss"].astype(float)
         return pack
 
 
@@ -710,6 +745,7 @@ def fit_lm(
         pack.lm_run = {"start": np.asarray(start), "window": np.stack(window), "since": since.copy()}
         if progress is not None:
             progress("lm", it, opts.max_iter, pack.rel_loss)
+    pack.keep_best()
     pack.lm_run = None  # finished: a later fit_lm call starts a run of its own
     return pack
 

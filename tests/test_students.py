@@ -588,3 +588,26 @@ def test_keep_heap_respects_user_malloc_settings():
     code = "from ecdist.students import keep_heap; print(keep_heap())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_restart_that_ends_worse_gives_the_student_its_earlier_attempt_back():
+    """A restart judges a stall, not a loss: with a short stall window every student is restarted
+    once while still improving, and a fresh start with a few iterations left ends worse than the
+    attempt it replaced. The student gets that attempt back (weights and loss), marked stalled."""
+    teacher = ecdist.teachers.random_mlp([10, 4, 1], "tanh", seed=0)
+    X = ecdist.queries.gaussian(300, 10, seed=1)
+    Y = ecdist.teachers.query(teacher, X)
+    X, Y = torch.as_tensor(Standardizer.fit(X)(X)), torch.as_tensor(Standardizer.fit(Y)(Y))
+    pack = StudentPack.init([10, 8, 1], "tanh", list(range(4)), seed=0)
+    fit_lm(pack, X, Y, LMOptions(max_iter=12, stall_window=3, restarts=1, restart_above=0.0))
+    restored = np.flatnonzero(pack.rel_loss == pack.stash_loss)
+    hist = np.stack(pack.history)
+    assert restored.size and (pack.restarts[restored] == 1).all()
+    assert (hist[-2, restored] > pack.stash_loss[restored]).all()  # the fresh starts were worse near the end
+    assert (pack.status[restored] == STALLED).all()
+    np.testing.assert_allclose(pack.mse(X, Y).numpy(), pack.rel_loss, rtol=1e-9)  # the weights are that attempt's
+    assert (pack.rel_loss <= pack.stash_loss).all()  # nobody ends worse than an attempt it had
+
+    again = StudentPack.from_state(pack.state(), "tanh")  # a checkpoint keeps the stash
+    np.testing.assert_array_equal(again.stash_loss, pack.stash_loss)
+    assert torch.equal(again.stash_theta, pack.stash_theta)
