@@ -19,6 +19,8 @@ import pytest
 import ecdist
 from ecdist import activations
 from ecdist.cli import _print_result
+from ecdist.cluster import cluster_layer
+from ecdist.pipeline import _Attempt, _stage, _student_candidates, _to_stage
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +149,26 @@ def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path, capsys):
     assert again.layers[0].rule == "student" and again.layer_sizes == [4]
     _print_result(again)  # what `ecdist recover` prints under its table
     assert "layer 1: no clustering rule fit exactly; one exact student's neurons, pruned" in capsys.readouterr().out
+
+
+def test_a_student_layer_round_trips_through_its_stage_checkpoint(tmp_path):
+    """A resumed run reads a finished last layer from ``checkpoints/layer_N.npz``: a layer made by
+    the exact-student fallback must come back as itself (rule, backend, the first clustering's
+    dropped marks, the one-member clusters, the fit), not be clustered again."""
+    rng = np.random.default_rng(0)
+    vectors, sids = rng.standard_normal((12, 5)), np.repeat([0, 1, 2], 4)
+    clustered = cluster_layer(vectors, sids, 0.7, n_students=3, weights=np.r_[np.ones(11), 1e-9])
+    clusters, col = _student_candidates(vectors, sids, 1, clustered)
+    fit = _Attempt(clusters, col, 1e-30, (col.vectors[:2], np.ones((1, 2)), np.zeros(1), None), np.array([0, 2]))
+    (tmp_path / "run").mkdir()
+    run = ecdist.storage.RunFolder(tmp_path / "run")
+    run.save_stage(1, _to_stage(clusters, col, fit))
+    back, col_back, arrays = _stage(run, 1, last=True)
+    assert (back.rule, back.backend, back.min_students) == ("student", clustered.backend, 1)
+    assert back.dropped.tolist() == clustered.dropped.tolist() and back.dropped[-1]  # the negligible row
+    assert back.labels.tolist() == [-1] * 4 + [0, 1, 2, 3] + [-1] * 4
+    assert col_back.row.tolist() == [4, 5, 6, 7] and np.array_equal(col_back.vectors, vectors[4:8])
+    assert arrays["final"] == 1e-30 and arrays["kept"].tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("finish_lm", [True, False])
