@@ -109,11 +109,10 @@ def test_fallback_to_the_authors_cut_when_the_stable_rule_is_not_exact():
     assert with_fallback.layers[0].clusters.num_rows > 4  # the extras of the generous cut were pruned
 
 
-def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path, capsys):
-    """Only student 0 reached the teacher's basin: the others lack the copies of one teacher
-    neuron and stalled (rel_loss 1e-6), so no cluster of that neuron spans ⌊γN⌋ students and
-    neither rule's neurons fit. Pruning the exact student alone gives the teacher's width
-    and weights (digits ReLU 64-16-10 is this case for real: 2 or 3 of 10 students exact)."""
+@pytest.fixture(scope="module")
+def one_exact_student():
+    """A tanh 8-4-1 recovery, the copies of one teacher neuron outside student 0, and a function
+    that gives those students' tables the losses asked for (student 0 alone holds every neuron)."""
     teacher = ecdist.teachers.random_mlp([8, 4, 1], "tanh", seed=3)
     X = ecdist.queries.gaussian(1000, 8, seed=5)
     config = ecdist.Config(activation="tanh", student_widths=[8], n_students=6, seed=2, threads=1)
@@ -125,13 +124,30 @@ def test_fallback_to_an_exact_student_when_no_rule_fits(tmp_path, capsys):
     labels, sids = np.asarray(layer.neurons.column("cluster")), np.asarray(layer.neurons.column("student"))
     gone = (labels == picked) & (sids != 0)
     assert gone.sum() >= 2  # that neuron had copies beyond student 0's
-    students = trained.students.to_pydict()
-    students["rel_loss"] = [loss if s == 0 else 1e-6 for s, loss in zip(students["student"], students["rel_loss"])]
-    stalled = dataclasses.replace(
-        trained,
-        layers=[dataclasses.replace(layer, neurons=layer.neurons.filter(pa.array(~gone)))],
-        students=pa.table(students, schema=trained.students.schema),
-    )
+
+    def with_losses(losses: dict[int, float], one_neuron: bool = False) -> ecdist.Recovery:
+        """one_neuron: the other students keep only their first neuron (alone, none can fit)."""
+        students = trained.students.to_pydict()
+        students["rel_loss"] = [losses.get(s, loss) for s, loss in zip(students["student"], students["rel_loss"])]
+        keep = ~gone
+        if one_neuron:
+            keep &= (sids == 0) | (np.asarray(layer.neurons.column("neuron")) == 0)
+        return dataclasses.replace(
+            trained,
+            layers=[dataclasses.replace(layer, neurons=layer.neurons.filter(pa.array(keep)))],
+            students=pa.table(students, schema=trained.students.schema),
+        )
+
+    return teacher, X, with_losses
+
+
+def test_fallback_to_an_exact_student_when_no_rule_fits(one_exact_student, tmp_path, capsys):
+    """Only student 0 reached the teacher's basin: the others lack the copies of one teacher
+    neuron and stalled (rel_loss 1e-6), so no cluster of that neuron spans ⌊γN⌋ students and
+    neither rule's neurons fit. Pruning the exact student alone gives the teacher's width
+    and weights (digits ReLU 64-16-10 is this case for real: 2 or 3 of 10 students exact)."""
+    teacher, X, with_losses = one_exact_student
+    stalled = with_losses({s: 1e-6 for s in range(1, 6)})
 
     without = ecdist.recluster(stalled, teacher, X, fallback=False)
     assert without.final_rel_mse > 1e-6 and without.layer_sizes == [3]
@@ -169,6 +185,21 @@ def test_a_student_layer_round_trips_through_its_stage_checkpoint(tmp_path):
     assert back.labels.tolist() == [-1] * 4 + [0, 1, 2, 3] + [-1] * 4
     assert col_back.row.tolist() == [4, 5, 6, 7] and np.array_equal(col_back.vectors, vectors[4:8])
     assert arrays["final"] == 1e-30 and arrays["kept"].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_the_fallback_tries_the_three_best_exact_students(one_exact_student, rank):
+    """Students 1–5 claim exact losses but keep one neuron each, so pruned alone none of them
+    fits; student 0, which holds every neuron, is found when it is among the 3 best-loss exact
+    students and left untried (the answer stays inexact) when 3 others rank before it."""
+    teacher, X, with_losses = one_exact_student
+    losses = {s: 1e-30 * 10 ** (s + (s >= rank)) for s in range(1, 6)} | {0: 1e-30 * 10**rank}
+    assert sorted(losses, key=losses.get).index(0) == rank - 1
+    result = ecdist.recluster(with_losses(losses, one_neuron=True), teacher, X)
+    if rank <= 3:
+        assert result.layers[0].rule == "student" and result.layer_sizes == [4] and result.final_rel_mse < 1e-16
+    else:
+        assert result.layers[0].rule != "student" and result.final_rel_mse > 1e-6
 
 
 @pytest.mark.parametrize("finish_lm", [True, False])
