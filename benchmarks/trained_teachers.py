@@ -72,7 +72,9 @@ LM_BUDGET = {"g": {"lm_max_iter": 1500, "stall_window": 300}}
 DEEP_LM_BUDGET = {"lm_max_iter": 1500, "stall_window": 300}
 # deep g students creep down along near-flat directions, and at Config's student_tol (1e-16) they are
 # not exact yet: on the 6-4-3-1 g toy (8 students 12-9, 600 queries) stopping there gave widths [5, 3]
-# with layer-2 weights 0.08 off; running them on to 1e-28 gave [4, 3] with weights within 6.5e-14
+# with layer-2 weights 0.08 off; running them on to 1e-28 gave [4, 3] with weights within 6.5e-14. At such
+# a teacher the Gauss–Newton matrix JᵀJ/(n·Var y) has its smallest eigenvalue near 1e-7–1e-8 (tanh: 7e-6;
+# condition ~1e9 against 2e6), so a relative MSE of 1e-16 pins the weights only to ~1e-4
 DEEP_G_BUDGET = DEEP_LM_BUDGET | {"student_tol": 1e-28}
 DEFAULT_LM = {"lm_max_iter": ecdist.Config.lm_max_iter, "stall_window": ecdist.Config.stall_window}
 # the result files --collect reads, oldest first (a newer file's row wins a case)
