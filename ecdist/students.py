@@ -172,6 +172,10 @@ class StudentPack:
             self.status[rows] = STALLED
             if self.history:
                 self.history[-1] = self.rel_loss.copy()
+        # the best attempts are in theta now; a stash kept past this run would compare losses
+        # measured on other data if the pack were fitted again
+        self.stash_loss = np.full(self.k, np.inf)
+        self.stash_theta = None
         return rows
 
     def _layout(self) -> list[tuple[int, int, int, int]]:
