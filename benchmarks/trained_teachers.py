@@ -189,8 +189,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "students_steps": np.asarray(res.students.column("steps")).tolist(),
         "students_status": res.students.column("status").to_pylist(),
         "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")}
-        | ({"restart_above": cfg.restart_above} if cfg.restart_above != ecdist.Config.restart_above else {})
-        | ({"student_tol": cfg.student_tol} if cfg.student_tol != ecdist.Config.student_tol else {}),
+        | {k: getattr(cfg, k) for k in ("restart_above", "student_tol") if getattr(cfg, k) != getattr(ecdist.Config, k)},
         "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
     }
     if out is not None:  # the time of this process only when it resumed a stopped run

@@ -210,16 +210,15 @@ def identifiable(teacher: nn.Module, activation: str, X: np.ndarray, *, weights:
     for W, b in layers[:-1]:
         z = h @ W.T + b
         if not act.symmetry.scaling:
-            masks.append(np.ones(z.shape[1], dtype=bool))
-            h = act.fn(torch.from_numpy(z)).numpy()
-            continue
-        mask = (z > 0).any(axis=0) & (z < 0).any(axis=0)  # piecewise linear: the kink at 0 is all that is not linear
-        if weights:  # the rows on a side of the kink must pin it down
-            full = _affine_rank(h)
-            for j in np.flatnonzero(mask):
-                short_on, short_off = _affine_rank(h[z[:, j] >= 0]) < full, _affine_rank(h[z[:, j] <= 0]) < full
-                if (short_on and zero_below) or (affine_path and (short_on or short_off)):
-                    mask[j] = False
+            mask = np.ones(z.shape[1], dtype=bool)
+        else:  # piecewise linear: the kink at 0 is all that is not linear
+            mask = (z > 0).any(axis=0) & (z < 0).any(axis=0)
+            if weights:  # the rows on a side of the kink must pin it down
+                full = _affine_rank(h)
+                for j in np.flatnonzero(mask):
+                    short_on, short_off = _affine_rank(h[z[:, j] >= 0]) < full, _affine_rank(h[z[:, j] <= 0]) < full
+                    if (short_on and zero_below) or (affine_path and (short_on or short_off)):
+                        mask[j] = False
         masks.append(mask)
         h = act.fn(torch.from_numpy(z)).numpy()
     return masks

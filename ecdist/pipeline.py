@@ -678,8 +678,17 @@ def _reconstruct(
         )
         timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - t0
         report("cluster", {"layer": layer + 1, "rule": rule, "kept": clusters.n_clusters, "rows": len(vectors)})
+        return fitted(clusters, collapse(vectors, sids, clusters.labels, losses, top))
+
+    def one_student(s: int, clustered: Clusters) -> _Attempt:
+        out = fitted(*_student_candidates(vectors, sids, s, clustered))
+        report("student", {"layer": layer + 1, "student": s, "kept": len(out.kept), "rows": len(out.collapsed.vectors),
+                           "rel_mse": out.final})
+        return out
+
+    def fitted(clusters: Clusters, col: Collapsed) -> _Attempt:
+        """The candidates' network: output layer, fine-tune and (with ``prune``) pruning."""
         t1 = time.perf_counter()
-        col = collapse(vectors, sids, clusters.labels, losses, top)
         if config.prune:
             final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
         else:
@@ -688,14 +697,6 @@ def _reconstruct(
             final, V, A, c, S = finetune(col.vectors, A, c, S, Xt, Yt, act.name, config.finetune_iter)
             kept = np.arange(len(V))
         timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
-        return _Attempt(clusters, col, final, (V, A, c, S), kept)
-
-    def one_student(s: int, clustered: Clusters) -> _Attempt:
-        t1 = time.perf_counter()
-        clusters, col = _student_candidates(vectors, sids, s, clustered)
-        final, V, A, c, S, kept = prune(col.vectors, Xt, Yt, act.name, config.finetune_iter)
-        timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t1
-        report("student", {"layer": layer + 1, "student": s, "kept": len(kept), "rows": len(col.vectors), "rel_mse": final})
         return _Attempt(clusters, col, final, (V, A, c, S), kept)
 
     best = first = attempt(config.cluster_rule, REFERENCE_TOP if config.cluster_rule == "reference" else None)

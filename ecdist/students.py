@@ -156,12 +156,12 @@ class StudentPack:
         self.status[rows] = ACTIVE
         self.lam[rows] = 1e-2
 
-    def keep_best(self) -> np.ndarray:
-        """Give each student back its stashed attempt where that one fit better than the last.
+    def keep_best(self) -> None:
+        """Give each student back its stashed attempt where that one fit better than the last
+        (marked stalled, as the stashed attempt was; the last history row shows its loss).
 
         A restart judges a stall, not a loss: a deep g student (digits 64-8-8-10) creeping at 4.8e-6
-        was restarted at LM step 650, and 150 steps later its fresh start was at 3.0e-5. Returns the rows restored
-        (marked stalled, as the stashed attempt was; the last history row shows their loss).
+        was restarted at LM step 650, and 150 steps later its fresh start was at 3.0e-5.
         """
         rows = np.flatnonzero(self.stash_loss < self.rel_loss)
         if rows.size:
@@ -176,7 +176,6 @@ class StudentPack:
         # measured on other data if the pack were fitted again
         self.stash_loss = np.full(self.k, np.inf)
         self.stash_theta = None
-        return rows
 
     def _layout(self) -> list[tuple[int, int, int, int]]:
         out, start = [], 0
