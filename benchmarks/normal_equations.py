@@ -16,8 +16,14 @@ Also the structured build once at the trained-teacher query count (digits 5,752,
 16,000): seconds per student and LM iteration; and the largest relative difference between the
 two results.
 
-Run:  python benchmarks/normal_equations.py [--quick] [--device cuda]
-Out:  benchmarks/results/normal_equations.json and .png (``--out FILE`` elsewhere)
+``--chunks`` measures instead what ``LMOptions.chunk_elems`` (work elements per student and query
+chunk) costs: the structured build of each case at its trained-teacher query count, with query chunks
+of 2¹⁸ … 2²¹ elements alternated. Small chunks make a long, thin GEMM (few queries inner) whose
+output block is read and written once per chunk.
+
+Run:  python benchmarks/normal_equations.py [--quick] [--device cuda] [--chunks]
+Out:  benchmarks/results/normal_equations.json and .png (``--chunks``: normal_equations_chunks.*;
+      ``--out FILE`` elsewhere)
 """
 from __future__ import annotations
 
@@ -85,6 +91,60 @@ def measure(
     }
 
 
+CHUNKS = (2**18, 2**19, 2**20, 2**21)
+# the sweep's cases: the largest shallow students of trained_teachers.py (r = 32) and the deep ones
+CHUNK_CASES = [("digits 62-64-10 (r=32)", [62, 64, 10], 5752), ("MNIST-1D 40-64-10 (r=32)", [40, 64, 10], 16000)] + [
+    (name, widths, n) for name, widths, n, skip in CASES if len(widths) > 3]
+
+
+def chunk_sweep(k: int, repeats: int, device: str, quick: bool) -> list[dict]:
+    """Seconds per structured build of k g students for each chunk size in CHUNKS, alternated, per case."""
+    rows = []
+    for name, widths, n_full in CHUNK_CASES:
+        n = 200 if quick else n_full
+        pack = StudentPack.init(widths, "g", list(range(k)), seed=0, device=device)
+        gen = torch.Generator().manual_seed(1)
+        X = torch.randn(n, widths[0], generator=gen, dtype=torch.float64).to(device)
+        Y = torch.randn(n, widths[-1], generator=gen, dtype=torch.float64).to(device)
+
+        def build(ce: int):
+            def run() -> float:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                pack.normal_equations(X, Y, chunk_elems=ce)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t0
+            return run
+
+        times = alternated(repeats, *(build(ce) for ce in CHUNKS))
+        best = {ce: min(t) for ce, t in zip(CHUNKS, times)}
+        rows.append({"case": name, "widths": widths, "params_per_student": pack.n_params, "students": k,
+                     "queries": n, "seconds": {str(ce): t for ce, t in zip(CHUNKS, times)},
+                     "best_s": {str(ce): b for ce, b in best.items()},
+                     "speedup_over_2_18": {str(ce): best[CHUNKS[0]] / b for ce, b in best.items()}})
+        print(f"{name:42s} " + "  ".join(f"2^{ce.bit_length() - 1}: {b:6.2f} s" for ce, b in best.items()), flush=True)
+    return rows
+
+
+def plot_chunks(out: dict, path: Path) -> None:
+    plt = _common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for r in out["rows"]:
+        ax.plot([int(c).bit_length() - 1 for c in r["best_s"]], list(r["speedup_over_2_18"].values()), "o-",
+                label=f"{r['case']} (P={r['params_per_student']}, n={r['queries']})")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xlabel("log₂ chunk_elems (work elements per student and query chunk)")
+    ax.set_ylabel("speed-up of one JᵀJ build over 2¹⁸")
+    ax.set_title(f"normal equations vs chunk size, float64, {out['device']}"
+                 f" ({'1 thread' if out['device'] == 'cpu' else 'GPU'}, {out['rows'][0]['students']} students)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer queries and one repeat")
@@ -93,9 +153,19 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=1000, help="queries per build (the cost is linear in it)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--chunks", action="store_true", help="the chunk-size sweep instead (see above)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
+    if args.chunks:
+        name = "normal_equations_chunks_quick.json" if args.quick else "normal_equations_chunks.json"
+        path = args.out or _common.RESULTS / name
+        out = {"benchmark": "normal_equations_chunks", "machine": _common.machine_info(), "device": args.device,
+               "load_average": load_average(),
+               "rows": chunk_sweep(args.students, 1 if args.quick else args.repeats, args.device, args.quick)}
+        _common.write_json(path, out)
+        plot_chunks(out, path.with_suffix(".png"))
+        return 0
     n, repeats = (200, 1) if args.quick else (args.queries, args.repeats)
     rows = []
     for name, widths, n_full, skip in CASES:

@@ -37,6 +37,12 @@ ProgressFn = Callable[[str, int, int, np.ndarray], None]
 HEAP_KEEP_BYTES = 512 << 20  # buffers below this come from (and return to) the heap, not fresh mmaps
 _heap_kept = False
 
+# Work elements per student in one query chunk of the normal equations (8 MB in float64). Each chunk
+# adds a GEMM with the queries inner to a block of JᵀJ that is read and written once per chunk, so
+# small chunks leave it memory-bound: 2²⁰ builds 1.1–1.4× faster than 2¹⁸ at the trained teachers'
+# sizes (benchmarks/normal_equations.py --chunks), with the chunk's buffers still far below JᵀJ's P².
+CHUNK_ELEMS = 2**20
+
 
 def keep_heap() -> bool:
     """Let glibc reuse freed training buffers instead of returning them to the kernel.
@@ -357,7 +363,7 @@ class StudentPack:
         return torch.cat(blocks, dim=-1).reshape(k, n * o, -1), out
 
     def normal_equations(
-        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = 2**18
+        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = CHUNK_ELEMS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """JᵀJ (k', P, P) and Jᵀr (k', P) over all queries, r = f(X) − Y.
 
@@ -429,7 +435,7 @@ class StudentPack:
         return JtJ, g
 
     def normal_equations_from_jacobian(
-        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = 2**18
+        self, X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor | None = None, chunk_elems: int = CHUNK_ELEMS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """JᵀJ and Jᵀr from J itself (``jacobian``), query chunk by chunk: what the structured paths
         are measured against (benchmarks/normal_equations.py), and the way of a deep network with
@@ -658,7 +664,7 @@ class LMOptions:
     # worst relative MSE ~1e-4 after 2,000 iterations; Levenberg: 7e-8 after 300, norms below 15).
     damping: str = "levenberg"
     lam_max: float = 1e12
-    chunk_elems: int = 2**18  # work elements per student per query chunk (2 MB in float64)
+    chunk_elems: int = CHUNK_ELEMS  # work elements per student per query chunk
     # Geodesic acceleration (Transtrum & Sethna 2012): add ½a to the step δ, a the second-order
     # correction that follows the curved valley of the residuals; a step whose ‖a‖/‖δ‖ exceeds
     # geodesic_alpha is rejected as if its loss had risen (GSL's form of the test; the paper writes

@@ -186,3 +186,21 @@ def test_geodesic_benchmark_quick_run_is_consistent(tmp_path):
                 reached = [i != -1 for i in r[f"iters_to_{level}"]]
                 assert reached == [f < float(level) for f in r["final"]], (side, level, r)
                 assert all(0 < i <= data["iterations"] for i in r[f"iters_to_{level}"] if i != -1)
+
+
+# ----- benchmarks/normal_equations.py --chunks ---------------------------------------------------------
+def test_chunk_sweep_quick_run_is_consistent(tmp_path):
+    """Every case times every chunk size; each best is its repeats' minimum and each speed-up the ratio of
+    two bests of the same run."""
+    out = tmp_path / "chunks.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "normal_equations.py"), "--chunks", "--quick",
+                    "--students", "2", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert [r["case"] for r in data["rows"]] and all(r["students"] == 2 and r["queries"] == 200 for r in data["rows"])
+    for row in data["rows"]:
+        sizes = list(row["seconds"])
+        assert sizes == list(row["best_s"]) == list(row["speedup_over_2_18"]) and sizes[0] == str(2**18)
+        for ce in sizes:
+            assert row["best_s"][ce] == min(row["seconds"][ce]) > 0
+            assert row["speedup_over_2_18"][ce] == pytest.approx(row["best_s"][sizes[0]] / row["best_s"][ce], rel=1e-12)
