@@ -547,9 +547,13 @@ class StudentPack:
         self.history_steps.append(self.steps)
 
     def state(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume, as plain arrays (saved as .npz, never pickled)."""
+        """Everything needed to resume, as plain arrays (saved as .npz, never pickled).
+
+        Copies, not views: training goes on in place, and a state kept in memory (or written
+        later) must stay the step it was taken at.
+        """
         hist = np.stack(self.history) if self.history else np.zeros((0, self.k))
-        return {
+        out = {
             "theta": self.theta.detach().cpu().numpy(),
             "widths": np.asarray(self.widths),
             "ids": self.ids,
@@ -566,6 +570,7 @@ class StudentPack:
             {"stash_theta": self.stash_theta.detach().cpu().numpy(), "stash_loss": self.stash_loss}
             if self.stash_theta is not None else {}
         )
+        return {k: np.array(v, copy=True) for k, v in out.items()}
 
     @classmethod
     def from_state(

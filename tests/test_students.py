@@ -520,6 +520,19 @@ def test_state_round_trips_exactly_through_npz(tiny_problem, tmp_path):
     assert torch.equal(back.theta, pack.theta)
 
 
+def test_a_state_stays_the_step_it_was_taken_at(tiny_problem):
+    """state() hands out copies: training on in place leaves a state already taken unchanged."""
+    X, Y = tiny_problem
+    pack = StudentPack.init([5, 4, 1], "tanh", [0, 1], seed=2)
+    states = []
+    fit_lm(pack, X, Y, LMOptions(max_iter=4), progress=lambda *_: states.append(pack.state()))
+    first = StudentPack.from_state(states[0], "tanh")
+    assert int(states[0]["steps"]) == 1 and first.steps == 1
+    assert not np.array_equal(states[0]["theta"], pack.theta.numpy())
+    assert not np.array_equal(states[0]["rel_loss"], pack.rel_loss)
+    np.testing.assert_allclose(first.mse(X, Y).numpy(), states[0]["rel_loss"], rtol=1e-12)
+
+
 def test_state_round_trip_with_skip_path():
     pack = random_pack([3, 4, 2], "softplus", k=2, skip=True)
     back = StudentPack.from_state(pack.state(), "softplus")
@@ -602,7 +615,7 @@ def test_a_restart_that_ends_worse_gives_the_student_its_earlier_attempt_back():
     opts = LMOptions(max_iter=14, stall_window=3, restarts=3, restart_above=0.0)
     pack = StudentPack.init([10, 8, 1], "tanh", list(range(4)), seed=0)
     states = []
-    fit_lm(pack, X, Y, opts, progress=lambda *_: states.append({k: np.array(v) for k, v in pack.state().items()}))
+    fit_lm(pack, X, Y, opts, progress=lambda *_: states.append(pack.state()))
     last = states[-1]  # the last step, before the best attempts were given back
     restored = np.flatnonzero(last["stash_loss"] < last["rel_loss"])
     assert restored.size and (pack.restarts[restored] >= 1).all()
