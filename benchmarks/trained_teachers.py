@@ -43,8 +43,14 @@ with each case's verdict, the row it comes from, and the cases not measured yet.
 rows run with different LM budgets, the row with the script's current budget (``lm_budget``) counts,
 the newest file first and, within a file, the later row; the others stay in the table as ``superseded``.
 
+``--not-measured [TABLE]`` runs only the asked cases that the table (default: the last ``--collect``
+output) has no row for, shallow and deep, each with the script's budget, into
+``results/trained_teachers_not_measured.json`` — the last of SOURCES, so the next ``--collect`` counts
+them; ``--list`` prints the cases a command would run and stops. On a GPU machine that is one command.
+
 Run:  python benchmarks/trained_teachers.py [--quick] [--device cuda] [--out FILE] [--runs DIR]
       python benchmarks/trained_teachers.py --train-images 400 --widths 8 --threads 1
+      python benchmarks/trained_teachers.py --not-measured --device cuda --runs runs [--list]
       python benchmarks/trained_teachers.py --collect
 """
 from __future__ import annotations
@@ -77,9 +83,10 @@ DEEP_LM_BUDGET = {"lm_max_iter": 1500, "stall_window": 300}
 # condition ~1e9 against 2e6), so a relative MSE of 1e-16 pins the weights only to ~1e-4
 DEEP_G_BUDGET = DEEP_LM_BUDGET | {"student_tol": 1e-28}
 DEFAULT_LM = {"lm_max_iter": ecdist.Config.lm_max_iter, "stall_window": ecdist.Config.stall_window}
-# the result files --collect reads, oldest first (a newer file's row wins a case)
+# the result files --collect reads, oldest first (a newer file's row wins a case); the last is what
+# --not-measured writes, read once it exists
 SOURCES = ("trained_teachers_gpu.json", "trained_teachers_mnist1d_cpu.json", "trained_teachers_cpu.json",
-           "trained_teachers_deep_cpu.json")
+           "trained_teachers_deep_cpu.json", "trained_teachers_not_measured.json")
 SHALLOW_WIDTHS = (8, 16, 32)
 DEEP_CASES = (("digits", [16, 16]), ("mnist1d", [12, 12, 12]))  # part (c)
 
@@ -228,9 +235,14 @@ def main() -> int:
     ap.add_argument("--stall-window", type=int, default=None, help="Config.stall_window (default: LM_BUDGET, else Config's)")
     ap.add_argument("--student-tol", type=float, default=None,
                     help="Config.student_tol (default Config's, 1e-16; recorded in lm_budget when given)")
+    ap.add_argument("--not-measured", nargs="?", type=Path, const=_common.RESULTS / "trained_teachers_table.json",
+                    default=None, metavar="TABLE",
+                    help="run only the asked cases that TABLE (default: results/trained_teachers_table.json) "
+                         "marks not measured, shallow and deep, each with the script's budget")
+    ap.add_argument("--list", action="store_true", help="print the cases that would run, as JSON, and stop")
     args = ap.parse_args()
     if args.collect is not None:
-        return collect(args.collect or [_common.RESULTS / f for f in SOURCES],
+        return collect(args.collect or [_common.RESULTS / f for f in SOURCES if (_common.RESULTS / f).exists()],
                        args.out or _common.RESULTS / "trained_teachers_table.json")
     if args.train_images is not None:
         try:  # a bad N fails here, before any training
@@ -247,8 +259,15 @@ def main() -> int:
         cases = [(d.split(":")[0], [int(w) for w in d.split(":")[1].split("-")], a)
                  for d in args.deep for a in args.activations]
         args.skip_plain = True
+    if args.not_measured is not None:
+        cases = not_measured(args.not_measured)
+        args.skip_plain = True
+        path = args.out or _common.RESULTS / "trained_teachers_not_measured.json"
+    if args.list:
+        print(json.dumps([{"dataset": ds, "r": r, "activation": a} for ds, r, a in cases]))
+        return 0
     for ds, r, a in cases:
-        t0, lm = time.perf_counter(), lm_budget(a, args, bool(args.deep))
+        t0, lm = time.perf_counter(), lm_budget(a, args, isinstance(r, list))
         try:
             rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm, runs=args.runs,
                                 execution={"backend": args.backend, "pack_size": args.pack_size}))
@@ -259,8 +278,10 @@ def main() -> int:
             print(f"{ds:8s} {a:8s} r={r}: not recovered: {e} [{rows[-1]['seconds']:.0f} s]", flush=True)
         _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows
     if args.skip_plain:
+        parts = {"shallow": [x for x in rows if not isinstance(x["r"], list)],
+                 "deep": [x for x in rows if isinstance(x["r"], list)]}
         _common.write_json(path, {"benchmark": "trained_teachers", "machine": _common.machine_info(),
-                                  "deep" if args.deep else "shallow": rows})
+                                  **{k: v for k, v in parts.items() if v or (k == "deep") == bool(args.deep)}})
         return 0
     plain = [run_one("digits", 32 if not args.quick else 8, "tanh", "plain", args.device, args.threads)]
     aug = [x for x in rows if x["dataset"] == "digits" and x["activation"] == "tanh" and x["r"] == plain[0]["r"]]
@@ -285,6 +306,17 @@ def main() -> int:
     plot(out, path.with_suffix(".png"))
     print(out["summary"])
     return 0
+
+
+def not_measured(table: Path) -> list[tuple]:
+    """The asked cases that ``table`` (a ``--collect`` output) marks not measured, as (dataset, r, activation):
+    r an int for a shallow teacher, a list of widths for a deep one."""
+    try:
+        cases = json.loads(table.read_text())["cases"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--not-measured: {table} is not a table written by --collect: {e}") from None
+    return [(c["dataset"], c["r"][0] if len(c["r"]) == 1 else list(c["r"]), c["activation"])
+            for c in cases if c["asked"] and c["verdict"] == "not_measured"]
 
 
 def subset_pair(args: argparse.Namespace) -> int:

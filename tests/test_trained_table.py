@@ -101,3 +101,27 @@ def test_verdicts(tmp_path):
     table = collect(tmp_path, {"shallow": shallow, "deep": deep})
     got = [case(table, ds, a, r if isinstance(r, list) else [r])["verdict"] for ds, a, r, *_ in VERDICTS]
     assert got == [v[-1] for v in VERDICTS]
+
+
+def test_not_measured_runs_exactly_the_asked_cases_the_table_lacks(tmp_path):
+    """``--not-measured TABLE --list``: the asked cases without a row, shallow r as an int and deep r as
+    widths (the forms ``run_one`` takes); measured cases, wrong ones included, and extras are left out."""
+    rows = [row("digits", "tanh", 8, 8, 1e-16), row("mnist1d", "g", 32, 30, 0.5), row("digits", "g", 64, 64, 1e-16)]
+    deep = [row("digits", "tanh", [16, 16], [16, 16], 1e-16)]
+    collect(tmp_path, {"shallow": rows, "deep": deep})
+    out = subprocess.run([sys.executable, str(SCRIPT), "--not-measured", str(tmp_path / "table.json"), "--list"],
+                         check=True, capture_output=True, text=True, timeout=300)
+    todo = {(c["dataset"], json.dumps(c["r"]), c["activation"]) for c in json.loads(out.stdout)}
+    asked = {(ds, json.dumps(r), a) for ds in ("digits", "mnist1d") for a in
+             ("g", "tanh", "sigmoid", "softplus", "relu") for r in (8, 16, 32)}
+    asked |= {(ds, json.dumps(r), a) for ds, r in (("digits", [16, 16]), ("mnist1d", [12, 12, 12])) for a in ("g", "tanh")}
+    done = {("digits", "8", "tanh"), ("mnist1d", "32", "g"), ("digits", "[16, 16]", "tanh")}
+    assert todo == asked - done and len(todo) == 31
+
+
+def test_not_measured_refuses_a_file_that_is_not_a_table(tmp_path):
+    bad = tmp_path / "rows.json"
+    bad.write_text(json.dumps({"shallow": [row("digits", "tanh", 8, 8, 1e-16)]}))  # a result file, not a table
+    out = subprocess.run([sys.executable, str(SCRIPT), "--not-measured", str(bad)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and f"{bad} is not a table written by --collect" in out.stderr
