@@ -197,7 +197,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "students_status": res.students.column("status").to_pylist(),
         "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")}
         | {k: getattr(cfg, k) for k in ("restart_above", "student_tol") if getattr(cfg, k) != getattr(ecdist.Config, k)},
-        "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0,
+        "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0, "device": str(res.plan["device"]),
     }
     if out is not None:  # the time of this process only when it resumed a stopped run
         row |= {"run_folder": str(out), "resumed": resumed, "steps_resumed_from": res.plan["packs_resumed_from"]}
@@ -377,9 +377,10 @@ def collect(sources: list[Path], path: Path) -> int:
         data = json.loads(src.read_text())
         for row in data.get("shallow", []) + data.get("deep", []):
             budget = row.get("lm_budget") or DEFAULT_LM  # rows from before LM budgets were recorded: the defaults
+            device = row.get("device") or ("cuda" if "gpu" in src.name else "cpu")  # older rows: the file says
             rows.append(row | {
                 "source": src.name, "order": order, "position": len(rows),
-                "device": "cuda" if "gpu" in src.name else "cpu",
+                "device": "cuda" if device.startswith("cuda") else "cpu",
                 "lm_budget": budget,
                 "current_budget": budget == DEFAULT_LM | script_budget(row["activation"], isinstance(row["r"], list)),
                 "verdict": verdict(row),

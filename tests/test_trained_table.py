@@ -125,3 +125,14 @@ def test_not_measured_refuses_a_file_that_is_not_a_table(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--not-measured", str(bad)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and f"{bad} is not a table written by --collect" in out.stderr
+
+
+def test_a_row_that_records_its_device_says_where_it_ran(tmp_path):
+    """Rows name their device (a GPU run's rows may land in a file without "gpu" in its name); older rows
+    without one take the file's word."""
+    table = collect(tmp_path, {"shallow": [row("digits", "tanh", 8, 8, 1e-16)]},
+                    {"shallow": [row("digits", "g", 32, 32, 1e-16, device="cuda:0"), row("digits", "g", 8, 8, 1e-16),
+                                 row("mnist1d", "g", 8, 8, 1e-16, device="cpu")]})
+    assert case(table, "digits", "tanh", [8])["device"] == "cuda"  # the first file is named ..._gpu.json
+    assert case(table, "digits", "g", [32])["device"] == "cuda"
+    assert case(table, "digits", "g", [8])["device"] == case(table, "mnist1d", "g", [8])["device"] == "cpu"
