@@ -28,6 +28,9 @@ default) geodesic acceleration. One LM iteration of a deep student costs seconds
 acceleration, where plain LM had not finished its first layer in 2.5 h (``--runs`` and
 ``--backend ray`` let a run span sessions); minutes on a GPU.
 
+Students: N = 10, each ρ = 2 times as wide as the teacher (``--students``, ``--rho``; the authors' deep
+runs used N = 50 and ρ = 3). Other values are recorded in the row and get a run folder of their own.
+
 Part (d), plain vs augmented queries, uses a teacher with more parameters than images
 (digits 64-32-10: 2,410 parameters on 1,438 training images). ``--train-images N`` runs part (d)
 alone on a teacher trained on N of the training images (``train_on(..., n_train=N)``, the same
@@ -138,9 +141,10 @@ def log_steps(every: int = 50):
 
 def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int,
             train_images: int | None = None, lm: dict | None = None, runs: Path | None = None,
-            execution: dict | None = None) -> dict:
+            execution: dict | None = None, rho: int = RHO, n_students: int = N_STUDENTS) -> dict:
     """One teacher [d_in, *hidden, 10] (trained on train_images images, None: all): train it,
-    recover it, compare layer by layer. lm: Config fields of the LM budget (None: the defaults);
+    recover it with n_students students ρ times as wide, compare layer by layer. lm: Config fields of
+    the LM budget (None: the defaults);
     runs: a folder for the run folders (one per teacher), so that a stopped run resumes where its
     packs' checkpoints left it when the same command runs again; execution: Config fields that
     only say where the students train (backend, pack_size), which a resumed run may change."""
@@ -151,15 +155,16 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     mask = queries.input_mask(t.X_train)
     tm = teachers.masked(t, mask, fill=t.X_train[0])
     Q = query_set(t, kind, seed=1)[:, mask]
-    widths = [RHO * r for r in hidden]
+    widths = [rho * r for r in hidden]
     sizes = [int(mask.sum()), *widths, 10]
     P = sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:]))
     teacher_sizes = [int(mask.sum()), *hidden, 10]
-    cfg = ecdist.Config(activation=act, student_widths=widths, n_students=N_STUDENTS, seed=0,
+    cfg = ecdist.Config(activation=act, student_widths=widths, n_students=n_students, seed=0,
                         device=device, threads=threads, lm_max_params=max(2500, P),
                         **({"backend": "local"} | (execution or {}) | (lm or {})))
     arch = "-".join(map(str, hidden))
-    out = runs / f"{dataset}-{act}-{arch}-{kind}" if runs is not None else None
+    other = f"-N{n_students}-rho{rho}" if (rho, n_students) != (RHO, N_STUDENTS) else ""  # students of their own
+    out = runs / f"{dataset}-{act}-{arch}-{kind}{other}" if runs is not None else None
     resumed = out is not None and out.exists()
     res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
@@ -178,6 +183,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "masked_teacher_params": sum((i + 1) * o for i, o in zip(teacher_sizes[:-1], teacher_sizes[1:])),
         "teacher_train_seconds": t.train_seconds,
         "student_width": widths[0] if len(widths) == 1 else widths, "params_per_student": P,
+        "rho": rho, "n_students": n_students,
         "recovered": res.layer_sizes[0] if len(hidden) == 1 else res.layer_sizes,
         "overhead": (res.layer_sizes[0] - hidden[0]) / hidden[0] if len(hidden) == 1
         else [(k - r) / r for k, r in zip(res.layer_sizes, hidden)],
@@ -239,6 +245,8 @@ def main() -> int:
                     default=None, metavar="TABLE",
                     help="run only the asked cases that TABLE (default: results/trained_teachers_table.json) "
                          "marks not measured, shallow and deep, each with the script's budget")
+    ap.add_argument("--students", type=int, default=N_STUDENTS, help="students per teacher (the authors' deep runs: 50)")
+    ap.add_argument("--rho", type=int, default=RHO, help="student width / teacher width (the authors' deep runs: 3)")
     ap.add_argument("--list", action="store_true", help="print the cases that would run, as JSON, and stop")
     args = ap.parse_args()
     if args.collect is not None:
@@ -270,10 +278,11 @@ def main() -> int:
         t0, lm = time.perf_counter(), lm_budget(a, args, isinstance(r, list))
         try:
             rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm, runs=args.runs,
-                                execution={"backend": args.backend, "pack_size": args.pack_size}))
+                                execution={"backend": args.backend, "pack_size": args.pack_size},
+                                rho=args.rho, n_students=args.students))
         except ecdist.RecoveryError as e:  # a teacher that is not recovered is a result too
             rows.append({"dataset": ds, "activation": a, "r": r, "queries": "augmented", "recovered": None,
-                         "error": str(e), "lm_budget": lm,
+                         "error": str(e), "lm_budget": lm, "rho": args.rho, "n_students": args.students,
                          "seconds": time.perf_counter() - t0})
             print(f"{ds:8s} {a:8s} r={r}: not recovered: {e} [{rows[-1]['seconds']:.0f} s]", flush=True)
         _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows

@@ -136,3 +136,19 @@ def test_a_row_that_records_its_device_says_where_it_ran(tmp_path):
     assert case(table, "digits", "tanh", [8])["device"] == "cuda"  # the first file is named ..._gpu.json
     assert case(table, "digits", "g", [32])["device"] == "cuda"
     assert case(table, "digits", "g", [8])["device"] == case(table, "mnist1d", "g", [8])["device"] == "cpu"
+
+
+def test_students_and_rho_reach_the_config_the_row_and_their_own_run_folder(tmp_path):
+    """``--students``/``--rho`` (the authors' deep runs use 50 and 3): the students are that many and
+    that wide, the row says so, and their run folder is not the default students' one (no resume mixes them)."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--datasets", "digits", "--widths", "4", "--activations", "tanh",
+                    "--skip-plain", "--students", "4", "--rho", "3", "--threads", "1", "--device", "cpu",
+                    "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=900)
+    (r,) = json.loads(out.read_text())["shallow"]
+    assert (r["n_students"], r["rho"], r["student_width"], r["r"]) == (4, 3, 12, 4)
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name == "digits-tanh-4-augmented-N4-rho3" and r["run_folder"] == str(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["n_students"] == 4 and config["student_widths"] == [12]
