@@ -720,7 +720,8 @@ def fit_lm(
             if rows.size == 0:
                 break
             r_idx = torch.as_tensor(rows, device=theta.device)
-            A = JtJ[r_idx] + torch.diag_embed(torch.as_tensor(lam[rows], dtype=theta.dtype, device=theta.device)[:, None] * D[r_idx])
+            A = JtJ[r_idx]  # a copy; λ·D goes onto its diagonal in place (a dense diag_embed cost 3× the copy)
+            A.diagonal(dim1=1, dim2=2).add_(torch.as_tensor(lam[rows], dtype=theta.dtype, device=theta.device)[:, None] * D[r_idx])
             L, info = torch.linalg.cholesky_ex(A)
             ok = (info == 0).cpu().numpy()
             step = -torch.cholesky_solve(g[r_idx].unsqueeze(-1), L).squeeze(-1)
