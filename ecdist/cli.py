@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "come from the folder unless given again (then they must be the run's)",
     )
     rec.add_argument(
+        "--snapshot", type=Path, metavar="DIR",
+        help="with --resume: recover from the students as the run's checkpoints hold them now, training no further "
+        "and writing nothing into RUN_DIR (a run still training there goes on), and save that result in DIR",
+    )
+    rec.add_argument(
         "--address",
         help="Ray cluster to train on: 'auto' (the one `ray start` runs on this machine) or host:port "
         "(default: RAY_ADDRESS, else a local Ray for this run)",
@@ -232,13 +237,23 @@ def cmd_recover(args: argparse.Namespace) -> int:
         gen = ecdist.queries.gaussian if args.gaussian else ecdist.queries.uniform
         X = gen(args.gaussian or args.uniform, d_in, seed=args.query_seed)
     config = _config(args, activation=activation, base=stored)
-    result = ecdist.recover(teacher, X, config, out=out, resume=bool(args.resume), progress=True, address=args.address)
+    if args.snapshot is not None and (stored is None or args.snapshot.resolve() == out.resolve()):
+        raise ConfigError("--snapshot DIR looks at a run in progress: give --resume RUN_DIR of an existing run, "
+                          "and a DIR other than RUN_DIR")
+    train = args.snapshot is None
+    result = ecdist.recover(teacher, X, config, out=out, resume=bool(args.resume), progress=True, address=args.address,
+                            train=train)
+    dest = out if train else args.snapshot
     if isinstance(teacher, ecdist.teachers.MLP):
         result.comparison = ecdist.compare(result.network, teacher, activation)
-        result.save(out)
-    plot_recovery(result, out / "recovery.png")
+    if isinstance(teacher, ecdist.teachers.MLP) or not train:
+        result.save(dest)
+    plot_recovery(result, dest / "recovery.png")
     _print_result(result)
-    print(f"results: {out}/")
+    if not train:
+        steps = result.students.column("steps").to_pylist()
+        print(f"from the checkpoints of {out}/ as they stand: students at step {min(steps)}–{max(steps)}")
+    print(f"results: {dest}/")
     return 0
 
 

@@ -29,7 +29,7 @@ from .cluster import Clusters, cluster_layer
 from .config import Config
 from .errors import ConfigError, QueryError, RecoveryError, RunFolderError, TeacherError
 from .network import MLP
-from .packs import PackResult, PackTrainer
+from .packs import CHECKPOINT_EVERY, PackResult, PackTrainer
 from .queries import Standardizer, physical_memory, validate
 from .reconstruct import (
     EXACT_FIT,
@@ -107,6 +107,7 @@ def recover(
     resume: bool = False,
     progress: Progress | bool | None = None,
     address: str | None = None,
+    train: bool = True,
 ) -> Recovery:
     """Recover the hidden layer sizes and weights of ``teacher`` from its outputs on ``X``.
 
@@ -116,7 +117,11 @@ def recover(
     clustering, fine-tuned students; a finished run returns its stored result) — teacher, X and
     config may then be None (taken from the folder), and any given must be the run's
     (RunFolderError otherwise); address: a Ray cluster to run the student packs on (default:
-    the running Ray, ``RAY_ADDRESS``, or a local Ray started for this run — see ``Config.backend``).
+    the running Ray, ``RAY_ADDRESS``, or a local Ray started for this run — see ``Config.backend``);
+    train=False (with out and resume): recover from the students as the run's pack checkpoints hold
+    them now, training no further, in this process, and writing nothing into ``out`` — a look at a
+    long run still training there, which goes on undisturbed (``Recovery.save`` keeps the answer
+    elsewhere; the students table gives each student's steps so far).
 
     Example:
         >>> import ecdist
@@ -129,8 +134,10 @@ def recover(
     """
     if config is not None and not isinstance(config, Config):
         raise ConfigError(f"config: expected an ecdist.Config, got {type(config).__name__}")
+    if not train and not (out is not None and resume):
+        raise ConfigError("train=False recovers from a run's checkpoints: give out=RUN_DIR and resume=True")
     with _progress(progress) as report:
-        return _recover(teacher, X, config, out, resume, report, address)
+        return _recover(teacher, X, config, out, resume, report, address, train)
 
 
 def _recover(
@@ -141,6 +148,7 @@ def _recover(
     resume: bool,
     report: Progress,
     address: str | None,
+    train: bool = True,
 ) -> Recovery:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -152,6 +160,8 @@ def _recover(
             report("resume", {"finished": True})
             report("done", {"layer_sizes": result.layer_sizes})
             return result
+    elif not train:
+        raise RunFolderError(f"{out}: there is no run in that folder to recover from (train=False trains nothing)")
     else:
         _require(teacher, X, config, out, resume)
         X = validate(X)
@@ -172,7 +182,8 @@ def _recover(
     t1 = time.perf_counter()
     deep = len(config.student_widths) > 1
     run_path = run.path if run else None
-    if _use_ray(config, address):
+    stages = run if train else None  # train=False reads the packs' checkpoints and writes nothing
+    if train and _use_ray(config, address):
         from . import distributed
 
         with distributed.session(address) as started:
@@ -189,16 +200,18 @@ def _recover(
                 results = list(distributed.train_packs(config, plan, Xs, Ys, run_path, report))
     else:
         plan = _plan(config, X.shape[1], Y.shape[1])
+        if not train:  # the students as the run split them, whatever backend it trains on
+            plan["packs"] = _checkpointed_packs(run, config)
         report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "this process"})
         trainers = [PackTrainer(i, ids, config, plan, run_path) for i, ids in enumerate(plan["packs"])]
-        results = _train_local(config, plan, trainers, Xs, Ys, report)
+        results = _train_local(config, plan, trainers, Xs, Ys, report, train)
         if deep:
             timings["train"] = time.perf_counter() - t1
             advance = _LocalAdvance(config, plan, trainers, Ys, report)
-            built = _layers(config, results, advance, Xs, Ys, xs, ys, timings, report, run)
+            built = _layers(config, results, advance, Xs, Ys, xs, ys, timings, report, stages)
     if not deep:
         timings["train"] = time.perf_counter() - t1
-        built = _layers(config, results, None, Xs, Ys, xs, ys, timings, report, run)
+        built = _layers(config, results, None, Xs, Ys, xs, ys, timings, report, stages)
     results.sort(key=lambda r: r.index)  # arrival order varies; the tables do not
     layer_results, network, final, layers_resumed = built
     students = pa.Table.from_batches([r.students for r in results])
@@ -225,10 +238,24 @@ def _recover(
         timings=timings | {"total": time.perf_counter() - t0},
         final_rel_mse=final,
     )
-    if run is not None:
+    if stages is not None:
         run.finish(result)
     report("done", {"layer_sizes": result.layer_sizes})
     return result
+
+
+def _checkpointed_packs(run: storage.RunFolder, config: Config) -> list[list[int]]:
+    """The students of each pack as the run's first-stage checkpoints hold them (``recover(train=False)``)."""
+    found = run.pack_indices()
+    states = {i: run.load_pack(i) for i in found}
+    packs = [states[i]["ids"].tolist() for i in found if states[i] is not None]
+    if found != list(range(len(found))) or sorted(sum(packs, [])) != list(range(config.n_students)):
+        raise RunFolderError(
+            f"{run.path}: the pack checkpoints hold {sum(map(len, packs))} of the run's {config.n_students} students; "
+            f"a pack that has not written its first checkpoint (every {CHECKPOINT_EVERY} steps) has nothing to "
+            "recover from yet"
+        )
+    return packs
 
 
 def _require(teacher: Teacher | None, X: np.ndarray | None, config: Config | None, out: Any, resume: bool) -> None:
@@ -393,14 +420,15 @@ def _use_ray(config: Config, address: str | None) -> bool:
 
 
 def _train_local(
-    config: Config, plan: dict[str, Any], trainers: list[PackTrainer], X: np.ndarray, Y: np.ndarray, report: Progress
+    config: Config, plan: dict[str, Any], trainers: list[PackTrainer], X: np.ndarray, Y: np.ndarray, report: Progress,
+    train: bool = True,
 ) -> list[PackResult]:
-    """Every pack in this process, one after another, on all of its threads."""
+    """Every pack in this process, one after another, on all of its threads (train=False: as checkpointed)."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with _threads(config.threads):
         Xt = torch.as_tensor(X, dtype=dtype, device=plan["device"])
         Yt = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
-        return [trainer.train(Xt, Yt, report) for trainer in trainers]
+        return [trainer.train(Xt, Yt, report) if train else trainer.current(Xt) for trainer in trainers]
 
 
 class _LocalAdvance:

@@ -524,6 +524,11 @@ class RunFolder:
         stage = "" if layer == 1 else f"_layer_{layer}"
         return f"checkpoints/pack_{index:04d}{stage}.npz"
 
+    def pack_indices(self) -> list[int]:
+        """The packs of the first stage that have a checkpoint listed in the manifest, in order."""
+        names = (re.fullmatch(r"checkpoints/pack_(\d{4})\.npz", rel) for rel in self.files.entries() or {})
+        return sorted(int(m.group(1)) for m in names if m)
+
     def save_pack(self, index: int, state: dict[str, np.ndarray], layer: int = 1) -> None:
         """Checkpoint a pack; ``layer`` l ≥ 2: after layers 1…l−1 were recovered and inserted."""
         self.files.write(self._pack_rel(index, layer), _npz_bytes(state))

@@ -163,6 +163,24 @@ def test_resume(recovered, tmp_path, files, capsys):
     assert ecdist.load(folder).layer_sizes == [2]
 
 
+def test_snapshot_of_a_run_in_progress(recovered, tmp_path, capsys):
+    """`--resume RUN --snapshot DIR`: the students as checkpointed, clustered into DIR; RUN keeps every byte."""
+    proc, out = recovered
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "run"
+    shutil.copytree(out, folder)
+    (folder / "report.json").unlink()  # killed before the result was written
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    rc, stdout, err = _run_main(["recover", "--resume", folder, "--snapshot", tmp_path / "snap"], capsys)
+    assert rc == 0, err
+    assert "recovered hidden widths: [2]" in stdout and f"from the checkpoints of {folder}/ as they stand" in stdout
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+    snap = ecdist.load(tmp_path / "snap")
+    assert snap.layer_sizes == [2] and (tmp_path / "snap" / "recovery.png").is_file()
+    rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", folder], capsys)
+    assert rc == 2 and "a DIR other than RUN_DIR" in err
+
+
 def test_rerun_without_resume_is_refused(recovered, files, capsys):
     proc, out = recovered
     assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,8 @@ bit for bit.
 """
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +162,28 @@ def test_deep_result_round_trips_and_resumes(deep_run, tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ecdist.ConfigError, match="recluster"):
         ecdist.recluster(result, deep_teacher(), deep_queries(), gamma=0.75)
+
+
+@pytest.mark.slow
+def test_train_false_on_a_deep_run_fine_tunes_in_memory_only(deep_run, tmp_path):
+    """``recover(train=False)`` on a deep run whose result is not written yet: the layer-1 pack checkpoints
+    are clustered, the insertions and fine-tunes happen in memory, and nothing in the folder changes —
+    not even the layer-2 checkpoints, which it neither reads nor writes."""
+    out, result = deep_run
+    folder = tmp_path / "run"
+    shutil.copytree(out, folder)
+    (folder / "report.json").unlink()  # as if killed before the result was written
+    before = {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    events = []
+    now = ecdist.recover(None, None, None, out=folder, resume=True, train=False,
+                         progress=lambda e, i: events.append((e, i)))
+    assert {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+    assert not [e for e, _ in events if e == "resume"]  # no stage came from the folder
+    done = [i["layer"] for e, i in events if e == "train" and i.get("phase") == "done"]
+    assert done == [2] * len(now.plan["pack_sizes"])  # every pack fine-tuned anew above the recovered layer 1
+    assert now.layer_sizes == result.layer_sizes == [4, 3]
+    report = ecdist.compare(now.network, deep_teacher(), "tanh", X=ecdist.queries.gaussian(2000, ARCH[0], seed=99))
+    assert report.functional_mse < 1e-8
 
 
 @pytest.mark.slow

@@ -355,6 +355,54 @@ def test_resume_continues_a_killed_run(tmp_path, run):
     assert ecdist.load(folder).layer_sizes == [2]
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_false_recovers_from_a_run_in_progress_and_leaves_it_be(tmp_path, run):
+    """A run stopped at step 13 (checkpoint of step 10): ``train=False`` clusters the students as that
+    checkpoint holds them, writes nothing into the folder, and the run then resumes to the same end as
+    one never looked at. With an (unfinished) deep run it fine-tunes its layers in memory only."""
+    folder = tmp_path / "run"
+
+    def kill_at_13(event, info):
+        if event == "train" and info.get("step") == 13:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        ecdist.recover(teacher(), queries(), config(), out=folder, progress=kill_at_13)
+    before = _tree(folder)
+    now = ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+    assert _tree(folder) == before  # not a byte written
+    assert now.students.column("steps").to_pylist() == [10] * 8
+    with np.load(checkpoint(folder), allow_pickle=False) as z:
+        np.testing.assert_array_equal(now.students.column("rel_loss").to_numpy(), z["rel_loss"])
+    assert now.network.hidden_widths == now.layer_sizes and now.final_rel_mse > 0
+    result = ecdist.recover(teacher(), queries(), config(), out=folder, resume=True)
+    original = run[1]
+    assert result.students.equals(original.students) and np.array_equal(result.history, original.history)
+    assert_same_network(result.network, original.network)
+    # a finished run: its stored result, as with train=True
+    assert_same_network(ecdist.recover(None, None, None, out=folder, resume=True, train=False).network, original.network)
+
+
+def test_train_false_needs_a_run_with_every_pack_checkpointed(tmp_path):
+    with pytest.raises(ecdist.ConfigError, match="give out=RUN_DIR and resume=True"):
+        ecdist.recover(teacher(), queries(), config(), train=False)
+    with pytest.raises(ecdist.RunFolderError, match="no run in that folder to recover from"):
+        ecdist.recover(None, None, None, out=tmp_path / "none", resume=True, train=False)
+    folder = tmp_path / "run"
+
+    def kill_second_pack_at_5(event, info):  # the first pack trained to the end, the second before its first checkpoint
+        if event == "train" and info.get("pack") == 1 and info.get("step") == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        ecdist.recover(teacher(), queries(), config(pack_size=4), out=folder, progress=kill_second_pack_at_5)
+    with pytest.raises(ecdist.RunFolderError, match="hold 4 of the run's 8 students; a pack that has not written"):
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+
+
 def test_resume_in_a_new_folder_just_runs(tmp_path, run):
     result = ecdist.recover(teacher(), queries(), config(), out=tmp_path / "fresh", resume=True)
     assert (tmp_path / "fresh" / "run.json").is_file()
