@@ -75,7 +75,7 @@ def _run_folder(args: argparse.Namespace) -> tuple[Path, Config | None]:
     out = resume_dir or args.out
     if out is None:
         raise ConfigError("out: give --out DIR (the run folder), or --resume RUN_DIR to continue a run")
-    run = RunFolder.existing(out) if args.resume else None
+    run = RunFolder.existing(out, tidy=args.snapshot is None) if args.resume else None  # a snapshot only reads
     if run is None and resume_dir is not None and not (args.teacher and (args.queries or args.gaussian or args.uniform)):
         raise ConfigError(
             f"--resume {resume_dir}: there is no run in that folder to resume; give the folder of a run, or start "

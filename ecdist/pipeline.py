@@ -152,7 +152,7 @@ def _recover(
 ) -> Recovery:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    run = storage.RunFolder.existing(out) if out is not None and resume else None
+    run = storage.RunFolder.existing(out, tidy=train) if out is not None and resume else None
     if run is not None:
         config, X, Y = _resumed(run, teacher, X, config)
         if run.finished():

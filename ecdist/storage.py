@@ -457,10 +457,12 @@ class RunFolder:
         return run
 
     @classmethod
-    def existing(cls, path: str | Path) -> "RunFolder | None":
+    def existing(cls, path: str | Path, tidy: bool = True) -> "RunFolder | None":
         """The run in ``path``, checked, to resume; None where there is none (no folder, or an empty one).
 
         RunFolderError for a file, a foreign folder, a damaged manifest or identity: each says what to do.
+        ``tidy``: delete the temporaries of writes a killed process left behind — not when only reading
+        a run that may still be training (its writers' temporaries are in flight).
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -479,7 +481,8 @@ class RunFolder:
                 "cannot be verified; start a new run in another folder"
             )
         run.identity()
-        run.files.remove_temporaries()
+        if tidy:
+            run.files.remove_temporaries()
         return run
 
     def identity(self) -> dict[str, Any]:

@@ -170,6 +170,7 @@ def test_snapshot_of_a_run_in_progress(recovered, tmp_path, capsys):
     folder = tmp_path / "run"
     shutil.copytree(out, folder)
     (folder / "report.json").unlink()  # killed before the result was written
+    (folder / "checkpoints" / ".pack_0000.npz.in-flight.tmp").write_bytes(b"a write of the training run")
     before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     rc, stdout, err = _run_main(["recover", "--resume", folder, "--snapshot", tmp_path / "snap"], capsys)
     assert rc == 0, err

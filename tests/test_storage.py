@@ -371,9 +371,10 @@ def test_train_false_recovers_from_a_run_in_progress_and_leaves_it_be(tmp_path, 
 
     with pytest.raises(_Killed):
         ecdist.recover(teacher(), queries(), config(), out=folder, progress=kill_at_13)
+    (folder / "checkpoints" / ".pack_0000.npz.in-flight.tmp").write_bytes(b"a write of the training run")
     before = _tree(folder)
     now = ecdist.recover(None, None, None, out=folder, resume=True, train=False)
-    assert _tree(folder) == before  # not a byte written
+    assert _tree(folder) == before  # not a byte written, and a live writer's temporary left alone
     assert now.students.column("steps").to_pylist() == [10] * 8
     with np.load(checkpoint(folder), allow_pickle=False) as z:
         np.testing.assert_array_equal(now.students.column("rel_loss").to_numpy(), z["rel_loss"])
