@@ -856,11 +856,12 @@ def fit_adam(
                 grp["lr"] = lr
             cool, since = opts.cooldown, 0
         last = epoch == opts.max_epochs - 1 or lr < opts.min_lr * (1 + 1e-9)
-        if epoch % opts.log_every == 0 or last:
+        if (epoch + 1) % opts.log_every == 0 or last:
             pack.rel_loss, exact = losses.cpu().numpy(), False
             if (pack.rel_loss <= opts.tol).all():
                 pack.rel_loss, exact = pack.mse(X, Y, theta).cpu().numpy(), True
             pack.record()
+            pack.theta.copy_(theta)  # a checkpoint taken in ``progress`` holds these weights, not the start's
             if progress is not None:
                 progress("adam", epoch + 1, opts.max_epochs, pack.rel_loss)
             if (pack.rel_loss <= opts.tol).all():

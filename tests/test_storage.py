@@ -355,6 +355,34 @@ def test_resume_continues_a_killed_run(tmp_path, run):
     assert ecdist.load(folder).layer_sizes == [2]
 
 
+def test_an_adam_run_checkpoints_its_current_weights(tmp_path):
+    """Adam students checkpoint every 10 epochs, with the weights of that epoch (they trained a copy
+    that reached the pack only at the end): killed at epoch 30, the checkpoint of epoch 20 reproduces
+    its recorded losses' order of magnitude, is not the initialisation, and train=False clusters it."""
+    folder = tmp_path / "run"
+    cfg = config(optimizer="adam", finish_lm=False, max_epochs=60, lr=1e-2)
+
+    def kill_at_30(event, info):  # reported before its checkpoint is written
+        if event == "train" and info.get("step") == 30:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        ecdist.recover(teacher(), queries(), cfg, out=folder, progress=kill_at_30)
+    with np.load(checkpoint(folder), allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    assert int(state["steps"]) == 20 and str(state["phase"]) == "adam"
+    pack = StudentPack.from_state(state, "tanh")
+    fresh = StudentPack.init(pack.widths, "tanh", pack.ids.tolist(), seed=0)
+    assert not torch.equal(pack.theta, fresh.theta)
+    Xs = torch.as_tensor(Standardizer.fit(queries())(queries()))
+    Y = ecdist.teachers.query(teacher(), queries())
+    Ys = torch.as_tensor(Standardizer.fit(Y)(Y))
+    full = pack.mse(Xs, Ys).numpy()  # the logged losses are epoch means over minibatches: close, not equal
+    assert np.all(full < 0.5 * fresh.mse(Xs, Ys).numpy()) and np.all(np.abs(np.log10(full / state["rel_loss"])) < 1)
+    now = ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+    assert now.students.column("steps").to_pylist() == [20] * 8
+
+
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

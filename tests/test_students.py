@@ -459,18 +459,21 @@ def test_fit_adam_reduces_the_loss_and_records_history(tiny_problem):
     X, Y = tiny_problem
     pack = StudentPack.init([5, 4, 1], "tanh", [0, 1, 2], seed=0)
     start = pack.mse(X, Y).numpy()
-    events = []
-    opts = AdamOptions(lr=1e-2, batch_size=64, max_epochs=40, log_every=10)
-    fit_adam(pack, X, Y, opts, seed=0, progress=lambda *a: events.append(a))
+    events, seen = [], []
+    opts = AdamOptions(lr=1e-2, batch_size=64, max_epochs=45, log_every=10)
+    fit_adam(pack, X, Y, opts, seed=0, progress=lambda *a: (events.append(a), seen.append(pack.theta.clone())))
     end = pack.mse(X, Y).numpy()
     assert np.all(end < 0.5 * start), (start, end)
     np.testing.assert_allclose(pack.rel_loss, end, rtol=1e-12)
-    assert pack.steps == 40
-    # logged at epochs 0, 10, 20, 30 and at the last one (39)
-    assert pack.history_steps == [1, 11, 21, 31, 40]
+    assert pack.steps == 45
+    # logged after every 10th epoch — the steps at which a run folder checkpoints — and after the last
+    assert pack.history_steps == [10, 20, 30, 40, 45]
     assert len(pack.history) == 5 and all(h.shape == (3,) for h in pack.history)
-    assert [e[1] for e in events] == [1, 11, 21, 31, 40] and all(e[0] == "adam" for e in events)
+    assert [e[1] for e in events] == [10, 20, 30, 40, 45] and all(e[0] == "adam" for e in events)
     assert np.all(pack.status == ACTIVE)  # far from the tolerance
+    # what a checkpoint taken in the callback holds: the weights of that epoch, each time new
+    assert torch.equal(seen[-1], pack.theta) and all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+    assert not torch.equal(seen[0], StudentPack.init([5, 4, 1], "tanh", [0, 1, 2], seed=0).theta)
 
 
 def test_a_students_adam_path_is_bitwise_the_same_in_any_pack(tiny_problem):
