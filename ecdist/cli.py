@@ -237,9 +237,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
         gen = ecdist.queries.gaussian if args.gaussian else ecdist.queries.uniform
         X = gen(args.gaussian or args.uniform, d_in, seed=args.query_seed)
     config = _config(args, activation=activation, base=stored)
-    if args.snapshot is not None and (stored is None or args.snapshot.resolve() == out.resolve()):
-        raise ConfigError("--snapshot DIR looks at a run in progress: give --resume RUN_DIR of an existing run, "
-                          "and a DIR other than RUN_DIR")
+    if args.snapshot is not None:
+        snap, run_dir = args.snapshot.resolve(), out.resolve()
+        if stored is None or snap == run_dir or run_dir in snap.parents:
+            raise ConfigError("--snapshot DIR looks at a run in progress: give --resume RUN_DIR of an existing run, "
+                              "and a DIR outside RUN_DIR")
+        if snap.exists() and (not snap.is_dir() or any(snap.iterdir())):
+            raise ConfigError(f"--snapshot {args.snapshot}: give a new or empty folder (it is not, and a snapshot "
+                              "replaces nothing)")
+        if args.address:
+            raise ConfigError("--snapshot trains nothing, so it runs in this process: drop --address")
     train = args.snapshot is None
     result = ecdist.recover(teacher, X, config, out=out, resume=bool(args.resume), progress=True, address=args.address,
                             train=train)

@@ -19,7 +19,6 @@ import torch
 
 from . import activations, storage
 from .config import Config
-from .errors import RunFolderError
 from .students import STATUS_NAMES, AdamOptions, LMOptions, StudentPack, fit_adam, fit_lm
 
 log = logging.getLogger(__name__)
@@ -82,26 +81,14 @@ class PackTrainer:
 
         return self._fit(fresh, plan["widths"], X, Y, report, plan["optimizer"], plan["finish_lm"])
 
-    def current(self, X: torch.Tensor, tries: int = 3) -> PackResult:
-        """The pack as its first-stage checkpoint holds it now, training no further (``recover(train=False)``).
+    def current(self, X: torch.Tensor, state: dict[str, np.ndarray]) -> PackResult:
+        """The pack as ``state`` (its first-stage checkpoint) holds it, training no further (``recover(train=False)``).
 
         Each student gets its best attempt so far (``keep_best``), as at the end of a run. The
-        trainer lets go of the run folder afterwards, so that a deep run's fine-tunes stay in
-        memory and a run still training there is left undisturbed. A checkpoint that fails its
-        checksum may be one being replaced this instant: it is read again, ``tries`` times in all.
+        trainer lets go of the run folder, so that a deep run's fine-tunes stay in memory and a
+        run still training there is left undisturbed.
         """
-        dtype, device = X.dtype, X.device
-        for _ in range(tries):
-            state = self.run.load_pack(self.index) if self.run is not None else None
-            if state is not None:
-                break
-        if state is None or state["ids"].tolist() != self.ids:
-            raise RunFolderError(
-                f"pack {self.index} (students {self.ids[0]}–{self.ids[-1]}) has no readable checkpoint in "
-                f"{self.run.path if self.run else 'no run folder'} to recover from; let the run train until it "
-                f"writes one (every {CHECKPOINT_EVERY} steps)"
-            )
-        self.pack = StudentPack.from_state(state, self.config.activation, dtype=dtype, device=device)
+        self.pack = StudentPack.from_state(state, self.config.activation, dtype=X.dtype, device=X.device)
         self.pack.keep_best()
         self.run = None
         return self.result(X, resumed_from=self.pack.steps)

@@ -154,7 +154,7 @@ def _recover(
     t0 = time.perf_counter()
     run = storage.RunFolder.existing(out, tidy=train) if out is not None and resume else None
     if run is not None:
-        config, X, Y = _resumed(run, teacher, X, config)
+        config, X, Y = _resumed(run, teacher, X, config, repair=train)
         if run.finished():
             result = run.result()
             report("resume", {"finished": True})
@@ -190,6 +190,8 @@ def _recover(
             total = distributed.resources()
             plan = _plan(config, X.shape[1], Y.shape[1], ray_resources=total)
             plan["ray_started_here"] = started
+            if run is not None:  # a resumed run split into fewer packs: the extra checkpoints hold others' students
+                run.remove_packs_from(len(plan["packs"]))
             report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "Ray"})
             if deep:  # the actors live on: each recovered layer is inserted and fine-tuned where the students are
                 with distributed.PackGroup(config, plan, Xs, Ys, run_path, report) as group:
@@ -199,12 +201,17 @@ def _recover(
             else:
                 results = list(distributed.train_packs(config, plan, Xs, Ys, run_path, report))
     else:
-        plan = _plan(config, X.shape[1], Y.shape[1])
-        if not train:  # the students as the run split them, whatever backend it trains on
-            plan["packs"] = _checkpointed_packs(run, config)
+        # a look at a GPU run from a machine without one (its checkpoints are plain arrays) runs on the CPU
+        cpu = not train and config.device == "cuda" and not torch.cuda.is_available()
+        plan = _plan(config.replace(device="cpu") if cpu else config, X.shape[1], Y.shape[1])
+        states = None if train else _checkpointed_packs(run, config)  # the students as the run split them
+        if states is not None:
+            plan["packs"] = [s["ids"].tolist() for s in states]
+        elif run is not None:
+            run.remove_packs_from(len(plan["packs"]))
         report("plan", {"n_students": config.n_students, "packs": len(plan["packs"]), "backend": "this process"})
         trainers = [PackTrainer(i, ids, config, plan, run_path) for i, ids in enumerate(plan["packs"])]
-        results = _train_local(config, plan, trainers, Xs, Ys, report, train)
+        results = _train_local(config, plan, trainers, Xs, Ys, report, states)
         if deep:
             timings["train"] = time.perf_counter() - t1
             advance = _LocalAdvance(config, plan, trainers, Ys, report)
@@ -244,18 +251,19 @@ def _recover(
     return result
 
 
-def _checkpointed_packs(run: storage.RunFolder, config: Config) -> list[list[int]]:
-    """The students of each pack as the run's first-stage checkpoints hold them (``recover(train=False)``)."""
+def _checkpointed_packs(run: storage.RunFolder, config: Config) -> list[dict[str, np.ndarray]]:
+    """The first-stage checkpoint of every pack of ``run`` (``recover(train=False)``), which together must
+    hold each of its students once."""
     found = run.pack_indices()
-    states = {i: run.load_pack(i) for i in found}
-    packs = [states[i]["ids"].tolist() for i in found if states[i] is not None]
-    if found != list(range(len(found))) or sorted(sum(packs, [])) != list(range(config.n_students)):
+    states = [run.read_pack(i) for i in found]
+    ids = sorted(i for s in states for i in s["ids"].tolist())
+    if found != list(range(len(found))) or ids != list(range(config.n_students)):
         raise RunFolderError(
-            f"{run.path}: the pack checkpoints hold {sum(map(len, packs))} of the run's {config.n_students} students; "
-            f"a pack that has not written its first checkpoint (every {CHECKPOINT_EVERY} steps) has nothing to "
-            "recover from yet"
+            f"{run.path}: the pack checkpoints hold {len(ids)} student rows ({len(set(ids))} of the run's "
+            f"{config.n_students} students); a pack that has not written its first checkpoint (every "
+            f"{CHECKPOINT_EVERY} steps) has nothing to recover from yet"
         )
-    return packs
+    return states
 
 
 def _require(teacher: Teacher | None, X: np.ndarray | None, config: Config | None, out: Any, resume: bool) -> None:
@@ -273,13 +281,13 @@ SPOT_CHECK = 64  # stored queries on which a teacher given again must answer as 
 
 
 def _resumed(
-    run: storage.RunFolder, teacher: Teacher | None, X: np.ndarray | None, config: Config | None
+    run: storage.RunFolder, teacher: Teacher | None, X: np.ndarray | None, config: Config | None, repair: bool = True
 ) -> tuple[Config, np.ndarray, np.ndarray]:
     """The run's config, queries and answers from its folder; any given again must be the run's.
 
     The config may differ in where the run executes (``EXECUTION_FIELDS``: backend, threads, …);
     the given one is then used. Stored data that fails its checksum is queried again when the
-    teacher and queries are given, else RunFolderError.
+    teacher and queries are given (and ``repair``: not for a reader that writes nothing), else RunFolderError.
     """
     path = run.path
     stored = run.config()
@@ -296,6 +304,8 @@ def _resumed(
     try:
         Xr, Yr = run.data()
     except RunFolderError as exc:
+        if not repair:
+            raise RunFolderError(f"{exc}; resume the run (training) with the teacher and the queries to repair it") from None
         if teacher is None or X is None:
             raise RunFolderError(f"{exc}; give the teacher and the queries again to re-query them") from None
         log.warning("%s; querying the teacher again", exc)
@@ -421,14 +431,16 @@ def _use_ray(config: Config, address: str | None) -> bool:
 
 def _train_local(
     config: Config, plan: dict[str, Any], trainers: list[PackTrainer], X: np.ndarray, Y: np.ndarray, report: Progress,
-    train: bool = True,
+    states: list[dict[str, np.ndarray]] | None = None,
 ) -> list[PackResult]:
-    """Every pack in this process, one after another, on all of its threads (train=False: as checkpointed)."""
+    """Every pack in this process, one after another, on all of its threads (``states``: as checkpointed)."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with _threads(config.threads):
         Xt = torch.as_tensor(X, dtype=dtype, device=plan["device"])
         Yt = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
-        return [trainer.train(Xt, Yt, report) if train else trainer.current(Xt) for trainer in trainers]
+        if states is not None:
+            return [trainer.current(Xt, state) for trainer, state in zip(trainers, states)]
+        return [trainer.train(Xt, Yt, report) for trainer in trainers]
 
 
 class _LocalAdvance:

@@ -36,6 +36,7 @@ import platform
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -529,8 +530,27 @@ class RunFolder:
 
     def pack_indices(self) -> list[int]:
         """The packs of the first stage that have a checkpoint listed in the manifest, in order."""
-        names = (re.fullmatch(r"checkpoints/pack_(\d{4})\.npz", rel) for rel in self.files.entries() or {})
+        names = (re.fullmatch(r"checkpoints/pack_(\d{4,})\.npz", rel) for rel in self.files.entries() or {})
         return sorted(int(m.group(1)) for m in names if m)
+
+    def read_pack(self, index: int, tries: int = 3) -> dict[str, np.ndarray]:
+        """A first-stage pack checkpoint, read by a process that does not train it (``recover(train=False)``)
+        while the run may be replacing it: a read that fails its checksum is tried again a moment later
+        (the window between the manifest's update and the rename), ``tries`` times in all; RunFolderError then."""
+        for _ in range(tries - 1):
+            try:
+                return _read_arrays(self.files, self._pack_rel(index))
+            except RunFolderError:
+                time.sleep(0.2)
+        return _read_arrays(self.files, self._pack_rel(index))
+
+    def remove_packs_from(self, count: int) -> None:
+        """Drop the checkpoints of packs ``count`` and above, every stage: a resumed run split into fewer
+        packs would leave them listed, holding students that other packs now train."""
+        for rel in list(self.files.entries() or {}):
+            m = re.fullmatch(r"checkpoints/pack_(\d{4,})(_layer_\d+)?\.npz", rel)
+            if m and int(m.group(1)) >= count:
+                self.files.remove(rel)
 
     def save_pack(self, index: int, state: dict[str, np.ndarray], layer: int = 1) -> None:
         """Checkpoint a pack; ``layer`` l ≥ 2: after layers 1…l−1 were recovered and inserted."""

@@ -178,8 +178,12 @@ def test_snapshot_of_a_run_in_progress(recovered, tmp_path, capsys):
     assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
     snap = ecdist.load(tmp_path / "snap")
     assert snap.layer_sizes == [2] and (tmp_path / "snap" / "recovery.png").is_file()
-    rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", folder], capsys)
-    assert rc == 2 and "a DIR other than RUN_DIR" in err
+    for snap, extra, says in ((folder, [], "outside RUN_DIR"), (folder / "now", [], "outside RUN_DIR"),
+                              (tmp_path / "snap", [], "give a new or empty folder"),
+                              (tmp_path / "other", ["--address", "auto"], "drop --address")):
+        rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", snap, *extra], capsys)
+        assert rc == 2 and says in err, (snap, err)
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
 
 
 def test_rerun_without_resume_is_refused(recovered, files, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ecdist
-from ecdist import ConfigError, QueryError, RunFolderError
+from ecdist import ConfigError, QueryError, RunFolderError, storage
 from ecdist.queries import Standardizer
 from ecdist.students import StudentPack
 
@@ -428,8 +428,66 @@ def test_train_false_needs_a_run_with_every_pack_checkpointed(tmp_path):
 
     with pytest.raises(_Killed):
         ecdist.recover(teacher(), queries(), config(pack_size=4), out=folder, progress=kill_second_pack_at_5)
-    with pytest.raises(ecdist.RunFolderError, match="hold 4 of the run's 8 students; a pack that has not written"):
+    with pytest.raises(ecdist.RunFolderError, match=r"hold 4 student rows \(4 of the run's 8 students\); a pack that has not written"):
         ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+
+
+def test_a_resume_into_fewer_packs_drops_the_extra_checkpoints(tmp_path):
+    """Packs of 2 students, killed in the fourth pack; resumed as packs of 4: the checkpoints of packs 2
+    and 3 go (their students now belong to packs 0 and 1), so no reader takes them for the run's."""
+    folder = tmp_path / "run"
+
+    def kill(pack, step):
+        def at(event, info):
+            if event == "train" and info.get("pack") == pack and info.get("step") == step:
+                raise _Killed
+        return at
+
+    with pytest.raises(_Killed):
+        ecdist.recover(teacher(), queries(), config(pack_size=2), out=folder, progress=kill(3, 13))
+    assert storage.RunFolder(folder).pack_indices() == [0, 1, 2, 3]
+    with pytest.raises(_Killed):
+        ecdist.recover(None, None, config(pack_size=4), out=folder, resume=True, progress=kill(0, 1))
+    assert storage.RunFolder(folder).pack_indices() == [0, 1]
+    assert not (folder / "checkpoints" / "pack_0002.npz").exists()
+    # packs 0 and 1 still hold the old split (students 0–3) until they write their first checkpoint
+    with pytest.raises(RunFolderError, match=r"hold 4 student rows \(4 of the run's 8 students\)"):
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+
+
+def test_train_false_on_a_damaged_checkpoint_says_which(tmp_path, run):
+    folder = copy_run(run, tmp_path)
+    unfinish(folder)
+    _truncate(checkpoint(folder))
+    with pytest.raises(RunFolderError, match="pack_0000.npz fails its checksum"):
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+
+
+def test_train_false_looks_at_a_gpu_run_from_a_machine_without_one(tmp_path, run):
+    """A run folder as a CUDA run writes it (config device="cuda", plain-array checkpoints) is recovered
+    on the CPU when torch sees no GPU; its config still says cuda."""
+    if torch.cuda.is_available():
+        pytest.skip("the point is a machine without CUDA")
+    src = storage.RunFolder(run[0])
+    X, Y = src.data()
+    gpu = run[1].config.replace(device="cuda")
+    folder = storage.RunFolder.create(tmp_path / "gpu-run", gpu, X, Y, src.identity()["data"], src.identity()["teacher"])
+    folder.save_pack(0, src.load_pack(0))
+    now = ecdist.recover(None, None, None, out=folder.path, resume=True, train=False)
+    assert now.config.device == "cuda" and now.plan["device"] == "cpu"
+    assert_same_network(now.network, run[1].network)
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):  # training there still needs the GPU
+        ecdist.recover(None, None, None, out=folder.path, resume=True)
+
+
+def test_train_false_does_not_repair_damaged_data(tmp_path, run):
+    folder = copy_run(run, tmp_path)
+    unfinish(folder)
+    _truncate(folder / "answers.npy")
+    before = _tree(folder)
+    with pytest.raises(RunFolderError, match="answers.npy.*resume the run \\(training\\) with the teacher"):
+        ecdist.recover(teacher(), queries(), None, out=folder, resume=True, train=False)
+    assert _tree(folder) == before
 
 
 def test_resume_in_a_new_folder_just_runs(tmp_path, run):
