@@ -48,8 +48,8 @@ the newest file first and, within a file, the later row; the others stay in the 
 
 ``--not-measured [TABLE]`` runs only the asked cases that the table (default: the last ``--collect``
 output) has no row for, shallow and deep, each with the script's budget, into
-``results/trained_teachers_not_measured.json`` — the last of SOURCES, so the next ``--collect`` counts
-them; ``--list`` prints the cases a command would run and stops. On a GPU machine that is one command.
+``results/trained_teachers_not_measured.json`` (after the rows of earlier calls) — the last of SOURCES,
+so the next ``--collect`` counts them; ``--list`` prints the cases a command would run and stops. On a GPU machine that is one command.
 
 Run:  python benchmarks/trained_teachers.py [--quick] [--device cuda] [--out FILE] [--runs DIR]
       python benchmarks/trained_teachers.py --train-images 400 --widths 8 --threads 1
@@ -267,10 +267,16 @@ def main() -> int:
         cases = [(d.split(":")[0], [int(w) for w in d.split(":")[1].split("-")], a)
                  for d in args.deep for a in args.activations]
         args.skip_plain = True
+    earlier: dict[str, list] = {}
     if args.not_measured is not None:
         cases = not_measured(args.not_measured)
         args.skip_plain = True
         path = args.out or _common.RESULTS / "trained_teachers_not_measured.json"
+        if path.exists():  # rows of earlier calls stay: --collect reads this file for them too
+            earlier = {k: v for k, v in json.loads(path.read_text()).items() if k in ("shallow", "deep")}
+        if not cases and not args.list:
+            print(f"every asked case has a row in {args.not_measured}: nothing to run")
+            return 0
     if args.list:
         print(json.dumps([{"dataset": ds, "r": r, "activation": a} for ds, r, a in cases]))
         return 0
@@ -287,8 +293,8 @@ def main() -> int:
             print(f"{ds:8s} {a:8s} r={r}: not recovered: {e} [{rows[-1]['seconds']:.0f} s]", flush=True)
         _common.write_json(path.with_suffix(".partial.json"), {"shallow": rows})  # a killed run keeps its rows
     if args.skip_plain:
-        parts = {"shallow": [x for x in rows if not isinstance(x["r"], list)],
-                 "deep": [x for x in rows if isinstance(x["r"], list)]}
+        parts = {"shallow": earlier.get("shallow", []) + [x for x in rows if not isinstance(x["r"], list)],
+                 "deep": earlier.get("deep", []) + [x for x in rows if isinstance(x["r"], list)]}
         _common.write_json(path, {"benchmark": "trained_teachers", "machine": _common.machine_info(),
                                   **{k: v for k, v in parts.items() if v or (k == "deep") == bool(args.deep)}})
         return 0
@@ -392,6 +398,7 @@ def collect(sources: list[Path], path: Path) -> int:
                 "device": "cuda" if device.startswith("cuda") else "cpu",
                 "lm_budget": budget,
                 "current_budget": budget == DEFAULT_LM | script_budget(row["activation"], isinstance(row["r"], list)),
+                "rho": row.get("rho", RHO), "n_students": row.get("n_students", N_STUDENTS),  # older rows: the defaults
                 "verdict": verdict(row),
             })
     asked = [(ds, [r], a) for ds in ("digits", "mnist1d") for a in ACTIVATIONS for r in SHALLOW_WIDTHS]
@@ -410,8 +417,9 @@ def collect(sources: list[Path], path: Path) -> int:
             case |= {k: best.get(k) for k in (
                 "recovered", "identifiable_r", "worst_1_minus_cos", "worst_1_minus_cos_identifiable",
                 "functional_rel_mse_test", "students_median_rel_mse", "seconds", "device", "lm_budget",
-                "current_budget", "source", "command")}
-            case["superseded"] = [{k: x.get(k) for k in ("source", "device", "recovered", "lm_budget", "verdict")}
+                "current_budget", "rho", "n_students", "source", "command")}
+            case["superseded"] = [{k: x.get(k) for k in ("source", "device", "recovered", "lm_budget", "rho", "n_students",
+                                                        "verdict")}
                                   for x in mine[1:]]
         cases.append(case)
     counts: dict[str, dict[str, int]] = {}

@@ -152,3 +152,25 @@ def test_students_and_rho_reach_the_config_the_row_and_their_own_run_folder(tmp_
     assert folder.name == "digits-tanh-4-augmented-N4-rho3" and r["run_folder"] == str(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["n_students"] == 4 and config["student_widths"] == [12]
+
+
+def test_not_measured_keeps_the_rows_of_earlier_calls(tmp_path):
+    """Its output is one of --collect's sources: a second call with nothing left to run writes nothing, so
+    the rows of the first stay counted."""
+    rows = [row(ds, a, r, r, 1e-16) for ds in ("digits", "mnist1d") for a in ("g", "tanh", "sigmoid", "softplus", "relu")
+            for r in (8, 16, 32)]
+    deep = [row(ds, a, r, r, 1e-16) for ds, r in (("digits", [16, 16]), ("mnist1d", [12, 12, 12])) for a in ("g", "tanh")]
+    collect(tmp_path, {"shallow": rows, "deep": deep})
+    out = tmp_path / "not_measured.json"
+    out.write_text(json.dumps({"shallow": [rows[0]], "deep": [deep[0]]}))  # a first call's rows
+    done = subprocess.run([sys.executable, str(SCRIPT), "--not-measured", str(tmp_path / "table.json"), "--out", str(out)],
+                          check=True, capture_output=True, text=True, timeout=300)
+    assert "nothing to run" in done.stdout
+    assert json.loads(out.read_text()) == {"shallow": [rows[0]], "deep": [deep[0]]}
+
+
+def test_a_case_says_which_students_its_row_used(tmp_path):
+    table = collect(tmp_path, {"shallow": [row("digits", "tanh", 8, 8, 1e-16)]},
+                    {"deep": [row("digits", "g", [16, 16], [16, 16], 1e-16, rho=3, n_students=50)]})
+    assert (case(table, "digits", "tanh", [8])["rho"], case(table, "digits", "tanh", [8])["n_students"]) == (2, 10)
+    assert (case(table, "digits", "g", [16, 16])["rho"], case(table, "digits", "g", [16, 16])["n_students"]) == (3, 50)
