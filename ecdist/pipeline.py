@@ -43,12 +43,15 @@ from .reconstruct import (
     prune_network,
     to_original,
 )
-from .students import n_params
+from .students import CHUNK_ELEMS, n_params
 from .teachers import Teacher, query
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, dict[str, Any]], None]
-LM_MEMORY_BUDGET = 2 * 2**30  # bytes of normal matrices per pack (3 P×P float64 per student)
+# bytes per LM pack: 3 P×P float64 per student (JᵀJ, the damped copy, its Cholesky factor) and the query
+# chunk's buffers, about two chunks of float64 (20 students of P = 705: 388 MB peak at CHUNK_ELEMS = 2²⁰
+# against 76 MB of JᵀJ), which outweigh the matrices for small students
+LM_MEMORY_BUDGET = 2 * 2**30
 
 
 @dataclass
@@ -808,7 +811,7 @@ def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float]
     finish = optimizer == "adam" and config.finish_lm and P <= config.lm_max_params
     max_size = config.n_students
     if optimizer == "lm" or finish:
-        max_size = max(1, min(max_size, LM_MEMORY_BUDGET // (24 * P * P)))
+        max_size = max(1, min(max_size, LM_MEMORY_BUDGET // (24 * P * P + 16 * CHUNK_ELEMS)))
     plan: dict[str, Any] = {
         "widths": widths,
         "params_per_student": P,

@@ -633,3 +633,19 @@ def test_a_restart_that_ends_worse_gives_the_student_its_earlier_attempt_back():
         again = StudentPack.from_state(state, "tanh")
         fit_lm(again, X, Y, opts)
         assert torch.equal(again.theta, pack.theta) and np.array_equal(again.rel_loss, pack.rel_loss)
+
+
+@pytest.mark.parametrize("widths", [[5, 4, 1], [40, 64, 10], [62, 32, 32, 10]])
+def test_lm_packs_hold_as_many_students_as_the_memory_budget_allows(widths):
+    """In-process LM packs are the largest whose normal matrices (3 P² floats per student) and query-chunk
+    buffers (about 2 CHUNK_ELEMS floats per student) fit LM_MEMORY_BUDGET: small students are bounded by
+    the chunk buffers, large ones by P²."""
+    from ecdist import pipeline
+    from ecdist.students import CHUNK_ELEMS
+
+    config = ecdist.Config(activation="tanh", student_widths=widths[1:-1], n_students=5000, seed=0, optimizer="lm",
+                           lm_max_params=10**6, backend="local")
+    plan = pipeline._plan(config, widths[0], widths[-1])
+    per_student = 24 * plan["params_per_student"] ** 2 + 16 * CHUNK_ELEMS
+    size = max(len(p) for p in plan["packs"])
+    assert size * per_student <= pipeline.LM_MEMORY_BUDGET < (size + 1) * per_student
