@@ -21,6 +21,15 @@ def pyplot():
     return plt
 
 
+def students_per_neuron(layer) -> np.ndarray:
+    """For each recovered neuron of ``layer`` (a LayerResult), the students in the cluster it came from;
+    the clusters table also lists the candidates the fine-tune pruned (neuron −1), which have none."""
+    neuron, n_students = (np.asarray(layer.clusters.column(c)) for c in ("neuron", "n_students"))
+    out = np.zeros(layer.width, dtype=np.int64)
+    out[neuron[neuron >= 0]] = n_students[neuron >= 0]
+    return out
+
+
 def plot_recovery(result: "Recovery", path: str | Path, comparison: "Comparison | None" = None) -> Path:
     """Left: per teacher neuron, log10 of 1 − |cos| to the nearest recovered neuron (or, with
     no teacher weights, each kept cluster's size); right: every student's relative MSE."""
@@ -38,7 +47,8 @@ def plot_recovery(result: "Recovery", path: str | Path, comparison: "Comparison 
         ax1.legend()
     else:
         for layer in result.layers:
-            ax1.bar(np.arange(layer.width) + 0.4 * (layer.index - 1), np.asarray(layer.clusters.column("n_students")), width=0.4, label=f"layer {layer.index}")
+            ax1.bar(np.arange(layer.width) + 0.4 * (layer.index - 1), students_per_neuron(layer), width=0.4,
+                    label=f"layer {layer.index}")
         ax1.set_xlabel("recovered neuron")
         ax1.set_ylabel("students in its cluster")
         ax1.set_title(f"recovered widths {result.layer_sizes}")

@@ -21,6 +21,7 @@ from ecdist import activations
 from ecdist.cli import _print_result
 from ecdist.cluster import cluster_layer
 from ecdist.pipeline import _Attempt, _stage, _student_candidates, _to_stage
+from ecdist.plots import plot_recovery, students_per_neuron
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +166,9 @@ def test_fallback_to_an_exact_student_when_no_rule_fits(one_exact_student, tmp_p
     assert again.layers[0].rule == "student" and again.layer_sizes == [4]
     _print_result(again)  # what `ecdist recover` prints under its table
     assert "layer 1: no clustering rule fit exactly; one exact student's neurons, pruned" in capsys.readouterr().out
+    # the figure of a black-box run (no teacher weights to compare with) plots the kept neurons only
+    assert students_per_neuron(again.layers[0]).tolist() == [1, 1, 1, 1]
+    assert plot_recovery(dataclasses.replace(again, comparison=None), tmp_path / "fig.png").stat().st_size > 0
 
 
 def test_a_student_layer_round_trips_through_its_stage_checkpoint(tmp_path):
