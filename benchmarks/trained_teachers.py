@@ -28,6 +28,10 @@ default) geodesic acceleration. One LM iteration of a deep student costs seconds
 acceleration, where plain LM had not finished its first layer in 2.5 h (``--runs`` and
 ``--backend ray`` let a run span sessions); minutes on a GPU.
 
+``--snapshot`` (with ``--runs``) makes each case's row from its run folder's students as checkpointed so
+far (``ecdist.recover(..., train=False)``), training nothing, while the run may go on training; the row
+has ``snapshot`` true, the run's ``lm_budget`` and, in ``students_steps``, how far its students had come.
+
 Students: N = 10, each ρ = 2 times as wide as the teacher (``--students``, ``--rho``; the authors' deep
 runs used N = 50 and ρ = 3). Other values are recorded in the row and get a run folder of their own.
 
@@ -141,13 +145,14 @@ def log_steps(every: int = 50):
 
 def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: str, threads: int,
             train_images: int | None = None, lm: dict | None = None, runs: Path | None = None,
-            execution: dict | None = None, rho: int = RHO, n_students: int = N_STUDENTS) -> dict:
+            execution: dict | None = None, rho: int = RHO, n_students: int = N_STUDENTS, snapshot: bool = False) -> dict:
     """One teacher [d_in, *hidden, 10] (trained on train_images images, None: all): train it,
     recover it with n_students students ρ times as wide, compare layer by layer. lm: Config fields of
     the LM budget (None: the defaults);
     runs: a folder for the run folders (one per teacher), so that a stopped run resumes where its
     packs' checkpoints left it when the same command runs again; execution: Config fields that
-    only say where the students train (backend, pack_size), which a resumed run may change."""
+    only say where the students train (backend, pack_size), which a resumed run may change; snapshot:
+    recover from the students as the run folder's checkpoints hold them now (``recover(train=False)``)."""
     hidden = [hidden] if isinstance(hidden, int) else list(hidden)
     t0 = time.perf_counter()
     d_in = 64 if dataset == "digits" else 40
@@ -166,7 +171,12 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     other = f"-N{n_students}-rho{rho}" if (rho, n_students) != (RHO, N_STUDENTS) else ""  # students of their own
     out = runs / f"{dataset}-{act}-{arch}-{kind}{other}" if runs is not None else None
     resumed = out is not None and out.exists()
-    res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
+    if snapshot and not resumed:
+        raise SystemExit(f"--snapshot: there is no run folder {out} to look at")
+    if snapshot:  # the students as the run folder's checkpoints hold them; the run may train on meanwhile
+        res = ecdist.recover(None, Q, cfg, out=out, resume=True, train=False)
+    else:
+        res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
     dists = [np.asarray(d) for d in rep.weight_distance] or [np.array([np.nan])]
     # a ReLU neuron that is dead (or always on) on every query cannot be recovered by any method;
@@ -207,6 +217,8 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     }
     if out is not None:  # the time of this process only when it resumed a stopped run
         row |= {"run_folder": str(out), "resumed": resumed, "steps_resumed_from": res.plan["packs_resumed_from"]}
+    if snapshot:  # lm_budget is the run's; students_steps says how far its students had come
+        row["snapshot"] = True
     print(f"{dataset:8s} {act:8s} r={arch:>8s} {kind:9s}: {row['recovered']} "
           f"({row['overhead']}) worst {row['worst_1_minus_cos']:.1e} fmse {row['functional_rel_mse_test']:.1e} "
           f"[{row['seconds']:.0f} s]", flush=True)
@@ -247,6 +259,9 @@ def main() -> int:
                          "marks not measured, shallow and deep, each with the script's budget")
     ap.add_argument("--students", type=int, default=N_STUDENTS, help="students per teacher (the authors' deep runs: 50)")
     ap.add_argument("--rho", type=int, default=RHO, help="student width / teacher width (the authors' deep runs: 3)")
+    ap.add_argument("--snapshot", action="store_true",
+                    help="with --runs: recover each case from its run folder's students as checkpointed so far, "
+                         "training nothing (the run may go on training); the row says how far they had come")
     ap.add_argument("--list", action="store_true", help="print the cases that would run, as JSON, and stop")
     args = ap.parse_args()
     if args.collect is not None:
@@ -285,7 +300,7 @@ def main() -> int:
         try:
             rows.append(run_one(ds, r, a, "augmented", args.device, args.threads, lm=lm, runs=args.runs,
                                 execution={"backend": args.backend, "pack_size": args.pack_size},
-                                rho=args.rho, n_students=args.students))
+                                rho=args.rho, n_students=args.students, snapshot=args.snapshot))
         except ecdist.RecoveryError as e:  # a teacher that is not recovered is a result too
             rows.append({"dataset": ds, "activation": a, "r": r, "queries": "augmented", "recovered": None,
                          "error": str(e), "lm_budget": lm, "rho": args.rho, "n_students": args.students,

@@ -152,6 +152,16 @@ def test_students_and_rho_reach_the_config_the_row_and_their_own_run_folder(tmp_
     assert folder.name == "digits-tanh-4-augmented-N4-rho3" and r["run_folder"] == str(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["n_students"] == 4 and config["student_widths"] == [12]
+    # --snapshot: the same case's row from its run folder's students, training nothing and writing nothing there
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    subprocess.run([sys.executable, str(SCRIPT), "--datasets", "digits", "--widths", "4", "--activations", "tanh",
+                    "--skip-plain", "--students", "4", "--rho", "3", "--threads", "1", "--device", "cpu",
+                    "--runs", str(tmp_path / "runs"), "--snapshot", "--out", str(tmp_path / "snap.json")],
+                   check=True, capture_output=True, text=True, timeout=900)
+    (snap,) = json.loads((tmp_path / "snap.json").read_text())["shallow"]
+    assert snap["snapshot"] and snap["students_steps"] == r["students_steps"] and "snapshot" not in r
+    assert snap["recovered"] == r["recovered"] and snap["worst_1_minus_cos"] == r["worst_1_minus_cos"]
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
 
 
 def test_not_measured_keeps_the_rows_of_earlier_calls(tmp_path):
