@@ -325,17 +325,25 @@ class _Killed(Exception):
     pass
 
 
+def kill_at(step: int, pack: int | None = None):
+    """A progress callback that kills the run when (that pack of) it reports training step ``step``."""
+    def at(event, info):
+        if event == "train" and info.get("step") == step and pack in (None, info.get("pack")):
+            raise _Killed
+    return at
+
+
+def killed_run(folder: Path, cfg: ecdist.Config | None = None, step: int = 13, pack: int | None = None) -> None:
+    """A new run in ``folder``, killed as ``kill_at`` says."""
+    with pytest.raises(_Killed):
+        ecdist.recover(teacher(), queries(), cfg or config(), out=folder, progress=kill_at(step, pack))
+
+
 def test_resume_continues_a_killed_run(tmp_path, run):
     """Killed after step 13, resumed from the checkpoint of step 10: the same students and
     network as the uninterrupted run, bit for bit (the LM run's state is in the checkpoint)."""
     folder = tmp_path / "run"
-
-    def kill_at_13(event, info):
-        if event == "train" and info.get("step") == 13:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        ecdist.recover(teacher(), queries(), config(), out=folder, progress=kill_at_13)
+    killed_run(folder)
     with np.load(checkpoint(folder), allow_pickle=False) as z:
         assert int(z["steps"]) == 10 and "done" not in z.files  # the last periodic checkpoint
     assert not (folder / "report.json").exists()
@@ -360,14 +368,7 @@ def test_an_adam_run_checkpoints_its_current_weights(tmp_path):
     that reached the pack only at the end): killed at epoch 30, the checkpoint of epoch 20 reproduces
     its recorded losses' order of magnitude, is not the initialisation, and train=False clusters it."""
     folder = tmp_path / "run"
-    cfg = config(optimizer="adam", finish_lm=False, max_epochs=60, lr=1e-2)
-
-    def kill_at_30(event, info):  # reported before its checkpoint is written
-        if event == "train" and info.get("step") == 30:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        ecdist.recover(teacher(), queries(), cfg, out=folder, progress=kill_at_30)
+    killed_run(folder, config(optimizer="adam", finish_lm=False, max_epochs=60, lr=1e-2), step=30)  # before its checkpoint
     with np.load(checkpoint(folder), allow_pickle=False) as z:
         state = {k: z[k] for k in z.files}
     assert int(state["steps"]) == 20 and str(state["phase"]) == "adam"
@@ -390,15 +391,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def test_train_false_recovers_from_a_run_in_progress_and_leaves_it_be(tmp_path, run):
     """A run stopped at step 13 (checkpoint of step 10): ``train=False`` clusters the students as that
     checkpoint holds them, writes nothing into the folder, and the run then resumes to the same end as
-    one never looked at. With an (unfinished) deep run it fine-tunes its layers in memory only."""
+    one never looked at."""
     folder = tmp_path / "run"
-
-    def kill_at_13(event, info):
-        if event == "train" and info.get("step") == 13:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        ecdist.recover(teacher(), queries(), config(), out=folder, progress=kill_at_13)
+    killed_run(folder)
     (folder / "checkpoints" / ".pack_0000.npz.in-flight.tmp").write_bytes(b"a write of the training run")
     before = _tree(folder)
     now = ecdist.recover(None, None, None, out=folder, resume=True, train=False)
@@ -421,13 +416,7 @@ def test_train_false_needs_a_run_with_every_pack_checkpointed(tmp_path):
     with pytest.raises(ecdist.RunFolderError, match="no run in that folder to recover from"):
         ecdist.recover(None, None, None, out=tmp_path / "none", resume=True, train=False)
     folder = tmp_path / "run"
-
-    def kill_second_pack_at_5(event, info):  # the first pack trained to the end, the second before its first checkpoint
-        if event == "train" and info.get("pack") == 1 and info.get("step") == 5:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        ecdist.recover(teacher(), queries(), config(pack_size=4), out=folder, progress=kill_second_pack_at_5)
+    killed_run(folder, config(pack_size=4), step=5, pack=1)  # the first pack trained to the end, the second not yet checkpointed
     with pytest.raises(ecdist.RunFolderError, match=r"hold 4 student rows \(4 of the run's 8 students\); a pack that has not written"):
         ecdist.recover(None, None, None, out=folder, resume=True, train=False)
 
@@ -436,18 +425,10 @@ def test_a_resume_into_fewer_packs_drops_the_extra_checkpoints(tmp_path):
     """Packs of 2 students, killed in the fourth pack; resumed as packs of 4: the checkpoints of packs 2
     and 3 go (their students now belong to packs 0 and 1), so no reader takes them for the run's."""
     folder = tmp_path / "run"
-
-    def kill(pack, step):
-        def at(event, info):
-            if event == "train" and info.get("pack") == pack and info.get("step") == step:
-                raise _Killed
-        return at
-
-    with pytest.raises(_Killed):
-        ecdist.recover(teacher(), queries(), config(pack_size=2), out=folder, progress=kill(3, 13))
+    killed_run(folder, config(pack_size=2), step=13, pack=3)
     assert storage.RunFolder(folder).pack_indices() == [0, 1, 2, 3]
     with pytest.raises(_Killed):
-        ecdist.recover(None, None, config(pack_size=4), out=folder, resume=True, progress=kill(0, 1))
+        ecdist.recover(None, None, config(pack_size=4), out=folder, resume=True, progress=kill_at(1, pack=0))
     assert storage.RunFolder(folder).pack_indices() == [0, 1]
     assert not (folder / "checkpoints" / "pack_0002.npz").exists()
     # packs 0 and 1 still hold the old split (students 0–3) until they write their first checkpoint
