@@ -47,6 +47,19 @@ CASES = [
 ]
 
 
+def timer(fn, device: str):
+    """A measure for ``alternated``: runs ``fn`` and returns its seconds (the GPU synchronised on both sides)."""
+    def run() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    return run
+
+
 def measure(
     widths: list[int], n: int, k: int, repeats: int, device: str, explicit: bool = True, skip: bool = False
 ) -> dict:
@@ -65,15 +78,7 @@ def measure(
     results = {}
 
     def timed(name, fn):
-        def run():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            results[name] = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-        return run
+        return timer(lambda: results.__setitem__(name, fn()), device)
 
     if not explicit:
         return {"structured_best_s": min(alternated(repeats, timed("structured", lambda: pack.normal_equations(X, Y)))[0])}
@@ -107,18 +112,8 @@ def chunk_sweep(k: int, repeats: int, device: str, quick: bool) -> list[dict]:
         X = torch.randn(n, widths[0], generator=gen, dtype=torch.float64).to(device)
         Y = torch.randn(n, widths[-1], generator=gen, dtype=torch.float64).to(device)
 
-        def build(ce: int):
-            def run() -> float:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                pack.normal_equations(X, Y, chunk_elems=ce)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - t0
-            return run
-
-        times = alternated(repeats, *(build(ce) for ce in CHUNKS))
+        times = alternated(repeats, *(timer(lambda ce=ce: pack.normal_equations(X, Y, chunk_elems=ce), device)
+                                      for ce in CHUNKS))
         best = {ce: min(t) for ce, t in zip(CHUNKS, times)}
         rows.append({"case": name, "widths": widths, "params_per_student": pack.n_params, "students": k,
                      "queries": n, "seconds": {str(ce): t for ce, t in zip(CHUNKS, times)},

@@ -440,9 +440,9 @@ def _train_local(
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with _threads(config.threads):
         Xt = torch.as_tensor(X, dtype=dtype, device=plan["device"])
-        Yt = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
         if states is not None:
             return [trainer.current(Xt, state) for trainer, state in zip(trainers, states)]
+        Yt = torch.as_tensor(Y, dtype=dtype, device=plan["device"])
         return [trainer.train(Xt, Yt, report) for trainer in trainers]
 
 

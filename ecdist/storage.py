@@ -59,6 +59,7 @@ MANIFEST_VERSION = 1
 LOCK = ".manifest.lock"  # a lock file, not the manifest itself: the manifest is replaced by a rename
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # atomic_write's temporaries, left behind by a killed process
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PACK_CHECKPOINT = re.compile(r"checkpoints/pack_(\d{4,})(_layer_\d+)?\.npz")  # what RunFolder._pack_rel names
 _IN_PROCESS = threading.Lock()  # POSIX record locks do not exclude threads of one process
 
 
@@ -530,8 +531,8 @@ class RunFolder:
 
     def pack_indices(self) -> list[int]:
         """The packs of the first stage that have a checkpoint listed in the manifest, in order."""
-        names = (re.fullmatch(r"checkpoints/pack_(\d{4,})\.npz", rel) for rel in self.files.entries() or {})
-        return sorted(int(m.group(1)) for m in names if m)
+        names = (_PACK_CHECKPOINT.fullmatch(rel) for rel in self.files.entries() or {})
+        return sorted(int(m.group(1)) for m in names if m and m.group(2) is None)
 
     def read_pack(self, index: int, tries: int = 3) -> dict[str, np.ndarray]:
         """A first-stage pack checkpoint, read by a process that does not train it (``recover(train=False)``)
@@ -548,7 +549,7 @@ class RunFolder:
         """Drop the checkpoints of packs ``count`` and above, every stage: a resumed run split into fewer
         packs would leave them listed, holding students that other packs now train."""
         for rel in list(self.files.entries() or {}):
-            m = re.fullmatch(r"checkpoints/pack_(\d{4,})(_layer_\d+)?\.npz", rel)
+            m = _PACK_CHECKPOINT.fullmatch(rel)
             if m and int(m.group(1)) >= count:
                 self.files.remove(rel)
 

@@ -868,7 +868,7 @@ def fit_adam(
                 break
         if last:
             break
-    pack.theta.copy_(theta)
+    # pack.theta holds theta already: every way out of the loop passes the copy above (max_epochs = 0: theta is the start)
     if not exact:
         pack.rel_loss = pack.mse(X, Y).cpu().numpy()
     pack.status[:] = np.where(pack.rel_loss <= opts.tol, CONVERGED, ACTIVE)
