@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -50,6 +50,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         helptext = f"{f.metadata['help']} (default: {f.default:.4g})" if isinstance(f.default, float) else f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif get_origin(kind) is list:  # upper_widths
+            g.add_argument(flag, type=int, nargs="+", default=None, metavar="W", help=helptext)
         elif f.name == "beta":
             g.add_argument(flag, type=angle, default=None, metavar="RAD", help=helptext + "; 'pi/3' is accepted")
         else:

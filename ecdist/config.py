@@ -27,7 +27,7 @@ EXECUTION_FIELDS = frozenset({"backend", "threads", "pack_size", "cpus_per_pack"
 # Fields added after runs were stored, with the value that the version before them used: a stored
 # config.json without one reads as that value, and the fingerprint leaves it out at that value, so
 # older run folders keep resuming exactly as they were trained.
-LEGACY_VALUES = {"lm_geodesic": "never"}
+LEGACY_VALUES = {"lm_geodesic": "never", "upper_widths": None}
 MAX_SEED = 2**32 - 1  # derived seeds (seed·1,000,003 + pack)·101 + layer must stay below torch's 2**64
 MAX_THREADS = 1024  # far above any machine; a larger count is a typo that would make torch fail
 
@@ -146,10 +146,17 @@ class Config:
     teacher_backoff: float = _doc(
         "seconds before the first retry of a teacher call; each further retry waits twice as long", default=1.0
     )
+    upper_widths: list[int] | None = _doc(
+        "deep runs: hidden widths of fresh students trained above each inserted layer, one per hidden layer "
+        "above the first (None: fine-tune the students' own upper layers). Students stalled in a plateau often "
+        "miss teacher neurons of the upper layers, which a fine-tune of their own weights keeps missing",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.student_widths, tuple):
-            object.__setattr__(self, "student_widths", list(self.student_widths))
+        for name in ("student_widths", "upper_widths"):
+            if isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, list(getattr(self, name)))
         for name, (check, allowed) in _CONSTRAINTS.items():
             value = getattr(self, name)
             try:
@@ -164,6 +171,11 @@ class Config:
             raise ConfigError(
                 f"gamma: ⌊gamma·n_students⌋ = ⌊{self.gamma}·{self.n_students}⌋ < 2, so a cluster could be a "
                 "single student's neurons; raise n_students or gamma"
+            )
+        if self.upper_widths is not None and len(self.upper_widths) != len(self.student_widths) - 1:
+            raise ConfigError(
+                f"upper_widths: got {self.upper_widths!r} for student_widths {self.student_widths!r}; give one width "
+                "per hidden layer above the first (the students trained above each inserted layer), or None"
             )
         if len(self.student_widths) > 1 and activations.get(self.activation).symmetry.linear_shift:
             raise ConfigError(
@@ -298,6 +310,10 @@ _CONSTRAINTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teacher_timeout": (_optional(_num(0, math.inf, hi_open=True)), "None or a positive number of seconds"),
     "teacher_retries": (_int(0), "an int >= 0"),
     "teacher_backoff": (_num(0, math.inf, lo_open=False, hi_open=True), "a number of seconds >= 0"),
+    "upper_widths": (
+        _optional(lambda v: isinstance(v, list) and len(v) >= 1 and all(_int(1)(w) for w in v)),
+        "None or a non-empty list of positive ints",
+    ),
 }
 
 

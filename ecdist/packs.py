@@ -98,10 +98,15 @@ class PackTrainer:
 
         assign: (k·h,) for each of the pack's first-layer neurons, in ``result`` row order, the
         recovered neuron its cluster became, or −1. The pack then takes the recovered layer's
-        activations as its inputs: the recovered layers are shared and stay fixed.
+        activations as its inputs: the recovered layers are shared and stay fixed. With
+        ``Config.upper_widths`` the students above are fresh ones of those widths (``fresh_above``).
         """
-        self.pack = inserted(self.pack, np.asarray(assign), int(width))
         self.layer += 1
+        upper = self.config.upper_widths
+        if upper is None:
+            self.pack = inserted(self.pack, np.asarray(assign), int(width))
+        else:
+            self.pack = fresh_above(self.pack, int(width), upper[self.layer - 2 :], self.config.seed * 101 + self.layer - 1)
 
     def finetune(self, H: torch.Tensor, Y: torch.Tensor, report: Report | None = None) -> PackResult:
         """Fine-tune the students above the recovered layers on their activations H (n, K); re-read.
@@ -213,6 +218,21 @@ def lm_options(config: Config, n_layers: int, finetune: bool = False) -> LMOptio
         restarts=0 if finetune else config.restarts, restart_above=config.restart_above,
         geodesic=config.geodesic_for(n_layers),
     )
+
+
+def fresh_above(pack: StudentPack, width: int, upper: list[int], seed: int) -> StudentPack:
+    """Fresh students of hidden widths ``upper`` on ``width`` recovered neurons, in place of ``pack``'s upper layers.
+
+    A deep g student stalled in a plateau (digits 64-16-16-10, relative MSE 1e-4) has found most of
+    the teacher's first layer and few of its second; fine-tuned on the recovered first layer it stays
+    in that plateau, while fresh students of 1.5 × its width find most of the second layer. Each
+    student keeps its id (its numbers come from (seed, id)), its step count and its history.
+    """
+    out = StudentPack.init([width, *upper, pack.widths[-1]], pack.act.name, pack.ids, seed,
+                           dtype=pack.theta.dtype, device=pack.theta.device)
+    out.restarts, out.steps = pack.restarts.copy(), pack.steps
+    out.history, out.history_steps = list(pack.history), list(pack.history_steps)
+    return out
 
 
 def inserted(pack: StudentPack, assign: np.ndarray, width: int) -> StudentPack:

@@ -124,7 +124,8 @@ def recover(
     train=False (with out and resume): recover from the students as the run's pack checkpoints hold
     them now, training no further, in this process, and writing nothing into ``out`` — a look at a
     long run still training there, which goes on undisturbed (``Recovery.save`` keeps the answer
-    elsewhere; the students table gives each student's steps so far).
+    elsewhere; the students table gives each student's steps so far); its config may differ from the
+    run's in the clustering and reconstruction settings and ``upper_widths`` (``SNAPSHOT_FIELDS``).
 
     Example:
         >>> import ecdist
@@ -157,8 +158,8 @@ def _recover(
     t0 = time.perf_counter()
     run = storage.RunFolder.existing(out, tidy=train) if out is not None and resume else None
     if run is not None:
-        config, X, Y = _resumed(run, teacher, X, config, repair=train)
-        if run.finished():
+        config, X, Y = _resumed(run, teacher, X, config, repair=train, free=() if train else SNAPSHOT_FIELDS)
+        if run.finished() and config.identity_fields() == run.config().identity_fields():  # else new settings: redo
             result = run.result()
             report("resume", {"finished": True})
             report("done", {"layer_sizes": result.layer_sizes})
@@ -284,13 +285,15 @@ SPOT_CHECK = 64  # stored queries on which a teacher given again must answer as 
 
 
 def _resumed(
-    run: storage.RunFolder, teacher: Teacher | None, X: np.ndarray | None, config: Config | None, repair: bool = True
+    run: storage.RunFolder, teacher: Teacher | None, X: np.ndarray | None, config: Config | None, repair: bool = True,
+    free: tuple[str, ...] = (),
 ) -> tuple[Config, np.ndarray, np.ndarray]:
     """The run's config, queries and answers from its folder; any given again must be the run's.
 
-    The config may differ in where the run executes (``EXECUTION_FIELDS``: backend, threads, …);
-    the given one is then used. Stored data that fails its checksum is queried again when the
-    teacher and queries are given (and ``repair``: not for a reader that writes nothing), else RunFolderError.
+    The config may differ in where the run executes (``EXECUTION_FIELDS``: backend, threads, …)
+    and in the ``free`` fields; the given one is then used. Stored data that fails its checksum is
+    queried again when the teacher and queries are given (and ``repair``: not for a reader that
+    writes nothing), else RunFolderError.
     """
     path = run.path
     stored = run.config()
@@ -298,11 +301,14 @@ def _resumed(
         config = stored
     elif config.fingerprint() != stored.fingerprint():
         given, kept = config.identity_fields(), stored.identity_fields()
-        differ = ", ".join(f"{k}={kept[k]!r} there, {given[k]!r} here" for k in sorted(kept) if kept[k] != given[k])
-        raise RunFolderError(
-            f"{path} holds a different run (its config differs from this one: {differ}); resume it with the same "
-            "config (or none: the folder keeps its own), or choose another folder"
-        )
+        differ = ", ".join(f"{k}={kept[k]!r} there, {given[k]!r} here" for k in sorted(kept)
+                           if kept[k] != given[k] and k not in free)
+        if differ:  # else only free fields differ, which shape nothing the folder holds
+            may = f" (a look at its checkpoints may change {', '.join(free)})" if free else ""
+            raise RunFolderError(
+                f"{path} holds a different run (its config differs from this one: {differ}); resume it with the same "
+                f"config{may} (or none: the folder keeps its own), or choose another folder"
+            )
     ident = run.identity()
     try:
         Xr, Yr = run.data()
@@ -468,6 +474,9 @@ class _LocalAdvance:
 RECLUSTER_FIELDS = (
     "gamma", "beta", "cluster_backend", "cluster_rule", "min_separation", "drop", "prune", "fallback", "finetune_iter",
 )
+# what a look at a run's checkpoints (train=False) may change: the students above an inserted layer
+# are trained in memory there, so their widths are free too
+SNAPSHOT_FIELDS = (*RECLUSTER_FIELDS, "upper_widths")
 
 
 def recluster(result: Recovery, teacher: Teacher, X: np.ndarray, **changes: Any) -> Recovery:

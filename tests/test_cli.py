@@ -184,6 +184,15 @@ def test_snapshot_of_a_run_in_progress(recovered, tmp_path, capsys):
         rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", snap, *extra], capsys)
         assert rc == 2 and says in err, (snap, err)
     assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+    # other clustering settings: clustered with them; settings that shape the students: refused
+    rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", tmp_path / "g75", "--gamma", "0.75",
+                            "--cluster-rule", "reference"], capsys)
+    assert rc == 0, err
+    looked = ecdist.load(tmp_path / "g75")
+    assert (looked.config.gamma, looked.config.cluster_rule) == (0.75, "reference")
+    rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", tmp_path / "s1", "--seed", "1"], capsys)
+    assert rc == 2 and "seed=0 there, 1 here" in err and "may change gamma" in err
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
 
 
 def test_rerun_without_resume_is_refused(recovered, files, capsys):

@@ -186,6 +186,66 @@ def test_train_false_on_a_deep_run_fine_tunes_in_memory_only(deep_run, tmp_path)
     assert report.functional_mse < 1e-8
 
 
+@pytest.fixture(scope="module")
+def fresh_run(tmp_path_factory):
+    """The deep run with fresh students of width 14 above the inserted layer (``upper_widths``)."""
+    out = tmp_path_factory.mktemp("deep-fresh") / "run"
+    return out, ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="local", upper_widths=[14]), out=out)
+
+
+@pytest.mark.slow
+def test_fresh_students_above_the_inserted_layer(fresh_run, deep_run):
+    """With upper_widths the layer-2 neurons come from fresh students 14 wide on the recovered layer 1
+    (the trained students' second layer is 9 wide), and every width and the function come back."""
+    out, result = fresh_run
+    assert result.layer_sizes == [4, 3]
+    report = ecdist.compare(result.network, deep_teacher(), "tanh", X=ecdist.queries.gaussian(2000, ARCH[0], seed=99))
+    assert report.functional_mse < 1e-8 and max(report.max_weight_distance) < 1e-4
+    with np.load(out / "checkpoints" / "pack_0000_layer_2.npz") as z:
+        assert z["widths"].tolist() == [result.layer_sizes[0], 14, 1]
+        assert z["ids"].tolist() == list(range(8))
+    assert result.layers[1].neurons.num_rows == 8 * 14 != deep_run[1].layers[1].neurons.num_rows
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_fresh_students_resume_from_their_checkpoint(fresh_run, tmp_path):
+    """Killed at the 13th LM step of the fresh students above layer 1: resumed from their step-10
+    checkpoint, the run ends with the uninterrupted run's network, bit for bit."""
+    seen = []
+
+    def kill(event, info):
+        if event == "train" and info.get("layer") == 2 and "step" in info:
+            seen.append(info["step"])
+            if len(seen) == 13:
+                raise _Stop
+
+    folder = tmp_path / "run"
+    with pytest.raises(_Stop):
+        ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="local", upper_widths=[14]), out=folder,
+                       progress=kill)
+    with np.load(folder / "checkpoints" / "pack_0000_layer_2.npz") as z:
+        assert z["widths"].tolist()[1] == 14 and "done" not in z.files
+    again = ecdist.recover(None, None, None, out=folder, resume=True)
+    for k, v in fresh_run[1].network.state_dict().items():
+        assert torch.equal(again.network.state_dict()[k], v), k
+
+
+def test_upper_widths_are_one_per_layer_above_the_first():
+    with pytest.raises(ecdist.ConfigError, match=r"upper_widths: got \[14, 14\] for student_widths \[12, 9\]"):
+        deep_config(upper_widths=[14, 14])
+    with pytest.raises(ecdist.ConfigError, match="one width per hidden layer above the first"):
+        ecdist.Config(activation="tanh", student_widths=[12], upper_widths=[14])
+    with pytest.raises(ecdist.ConfigError, match="^upper_widths: got \\[0\\]"):
+        deep_config(upper_widths=[0])
+    config = deep_config(upper_widths=(14,))
+    assert config.upper_widths == [14] and ecdist.Config.from_json(config.to_json()) == config
+    assert config.fingerprint() != deep_config().fingerprint()
+
+
 @pytest.mark.slow
 def test_deep_on_ray_equals_in_process(deep_run, ray_local):
     """Two packs of four on two actors, kept alive across the layers, against one in-process pack."""

@@ -627,6 +627,7 @@ BAD_VALUES = [
     ("cpus_per_pack", 0), ("gpus_per_pack", -0.5), ("actor_restarts", 1.5),
     ("seed", 2**32), ("threads", 10**6), ("teacher_batch", 0), ("teacher_timeout", 0), ("teacher_timeout", "1s"),
     ("teacher_retries", -1), ("teacher_backoff", -1.0), ("teacher_backoff", float("nan")),
+    ("upper_widths", []), ("upper_widths", [0]), ("upper_widths", 8), ("upper_widths", [8.0]),
 ]
 
 
@@ -668,13 +669,24 @@ def test_config_written_before_lm_geodesic_resumes_with_its_old_fingerprint():
     hashes to the fingerprint that version wrote into run.json, so its run folder still resumes."""
     never = Config(activation="tanh", student_widths=[8, 8], lm_geodesic="never")
     stored = json.loads(never.to_json())
-    del stored["lm_geodesic"]
+    del stored["lm_geodesic"], stored["upper_widths"]  # that version had neither
     old = Config.from_json(json.dumps(stored))
     assert old == never
     hashed = {k: v for k, v in stored.items() if k not in EXECUTION_FIELDS}  # what the old version hashed
     assert old.fingerprint() == hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
     assert Config(activation="tanh", student_widths=[8, 8]).lm_geodesic == "deep"  # new runs: the new default
     assert Config(activation="tanh", student_widths=[8, 8]).fingerprint() != old.fingerprint()
+
+
+def test_config_written_before_upper_widths_resumes_with_its_old_fingerprint():
+    """upper_widths=None (fine-tune the students' own upper layers) is what versions without the field did."""
+    config = Config(activation="tanh", student_widths=[8, 8])
+    stored = json.loads(config.to_json())
+    del stored["upper_widths"]
+    old = Config.from_json(json.dumps(stored))
+    assert old == config and old.upper_widths is None
+    hashed = {k: v for k, v in stored.items() if k not in EXECUTION_FIELDS}
+    assert old.fingerprint() == hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_lm_geodesic_values_that_train_alike_hash_alike():

@@ -14,6 +14,7 @@ import torch
 
 import ecdist
 from ecdist import ConfigError, QueryError, RunFolderError, storage
+from ecdist.pipeline import RECLUSTER_FIELDS, SNAPSHOT_FIELDS
 from ecdist.queries import Standardizer
 from ecdist.students import StudentPack
 
@@ -408,6 +409,26 @@ def test_train_false_recovers_from_a_run_in_progress_and_leaves_it_be(tmp_path, 
     assert_same_network(result.network, original.network)
     # a finished run: its stored result, as with train=True
     assert_same_network(ecdist.recover(None, None, None, out=folder, resume=True, train=False).network, original.network)
+
+
+def test_train_false_may_cluster_otherwise_but_not_change_the_students(tmp_path, run):
+    """A look at the checkpoints may change the clustering and reconstruction settings (SNAPSHOT_FIELDS):
+    a finished run is then clustered anew, not answered with its stored result, and the folder is
+    left as it was. A field that shapes the students is refused, and so is any change when training."""
+    folder = copy_run(run, tmp_path)
+    before = _tree(folder)
+    other = run[1].config.replace(gamma=0.75, cluster_rule="reference")
+    now = ecdist.recover(None, None, other, out=folder, resume=True, train=False)
+    assert _tree(folder) == before
+    assert now.config == other
+    assert now.layers[0].clustering.min_students == 6 != run[1].layers[0].clustering.min_students == 4
+    assert now.layers[0].clustering.rule == "reference" != run[1].layers[0].clustering.rule
+    assert set(SNAPSHOT_FIELDS) >= set(RECLUSTER_FIELDS) | {"upper_widths"}
+    with pytest.raises(RunFolderError, match=r"student_widths=\[8\] there, \[6\] here.*may change gamma, beta"):
+        ecdist.recover(None, None, other.replace(student_widths=[6]), out=folder, resume=True, train=False)
+    with pytest.raises(RunFolderError, match="gamma=0.5 there, 0.75 here"):
+        ecdist.recover(None, None, other, out=folder, resume=True)
+    assert _tree(folder) == before
 
 
 def test_train_false_needs_a_run_with_every_pack_checkpointed(tmp_path):
