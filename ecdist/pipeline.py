@@ -33,6 +33,7 @@ from .packs import CHECKPOINT_EVERY, PackResult, PackTrainer
 from .queries import Standardizer, physical_memory, validate
 from .reconstruct import (
     EXACT_FIT,
+    JOINT_STALL,
     REFERENCE_TOP,
     Collapsed,
     collapse,
@@ -620,7 +621,7 @@ def _layers(
         kept = [np.arange(len(col.vectors)) for _, _, col in lower] + [np.arange(len(V))]
         if lower and len(V):
             t0 = time.perf_counter()
-            final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter)
+            final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter, JOINT_STALL)
             if config.prune:
                 final, blocks, A, c, kept = prune_network(blocks, A, c, final, Xt, Yt, act.name, config.finetune_iter)
             timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t0
