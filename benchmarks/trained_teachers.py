@@ -28,9 +28,14 @@ default) geodesic acceleration. One LM iteration of a deep student costs seconds
 acceleration, where plain LM had not finished its first layer in 2.5 h (``--runs`` and
 ``--backend ray`` let a run span sessions); minutes on a GPU.
 
+Deep g teachers also get DEEP_G_LAYERS and fresh students UPPER_RHO × r wide above each inserted layer
+(``Config.upper_widths``): see the comment there; rows record ``gamma`` and ``upper_widths``.
+
 ``--snapshot`` (with ``--runs``) makes each case's row from its run folder's students as checkpointed so
 far (``ecdist.recover(..., train=False)``), training nothing, while the run may go on training; the row
 has ``snapshot`` true, the run's ``lm_budget`` and, in ``students_steps``, how far its students had come.
+It uses the run's config with this script's clustering settings (``SNAPSHOT_FIELDS``), so a run folder
+started before a setting changed is still looked at with the current one.
 
 Students: N = 10, each ρ = 2 times as wide as the teacher (``--students``, ``--rho``; the authors' deep
 runs used N = 50 and ρ = 3). Other values are recorded in the row and get a run folder of their own.
@@ -72,7 +77,8 @@ import _common
 import numpy as np
 
 import ecdist
-from ecdist import datasets, queries, teachers
+from ecdist import datasets, queries, storage, teachers
+from ecdist.pipeline import SNAPSHOT_FIELDS
 from ecdist.students import ACTIVE
 
 ACTIVATIONS = ("g", "tanh", "sigmoid", "softplus", "relu")
@@ -89,6 +95,14 @@ DEEP_LM_BUDGET = {"lm_max_iter": 1500, "stall_window": 300}
 # a teacher the Gauss–Newton matrix JᵀJ/(n·Var y) has its smallest eigenvalue near 1e-7–1e-8 (tanh: 7e-6;
 # condition ~1e9 against 2e6), so a relative MSE of 1e-16 pins the weights only to ~1e-4
 DEEP_G_BUDGET = DEEP_LM_BUDGET | {"student_tol": 1e-28}
+# On digits 64-16-16-10 g the students stall near 1e-4 relative MSE. Each has 12–14 of the 16 first-layer
+# neurons (one teacher neuron in only 2 of 10 students, so γ = 0.5 misses it) and 3–9 of the second
+# layer's, and fine-tuned on the recovered first layer they stay where they are, while fresh students
+# 1.5× as wide find most of it. Hence deep g clusters of 2 students (γ = 0.2 of 10) and fresh students
+# UPPER_RHO × r wide above each inserted layer; the exact fit of the whole network prunes the extras,
+# once its LM fine-tune has run long enough: from the [20, 33] candidates 100 iterations ended at 5.8e-13.
+DEEP_G_LAYERS = {"gamma": 0.2, "finetune_iter": 500}
+UPPER_RHO = 3
 DEFAULT_LM = {"lm_max_iter": ecdist.Config.lm_max_iter, "stall_window": ecdist.Config.stall_window}
 # the result files --collect reads, oldest first (a newer file's row wins a case); the last is what
 # --not-measured writes, read once it exists
@@ -112,6 +126,13 @@ def script_budget(act: str, deep: bool) -> dict:
     if deep:
         return DEEP_G_BUDGET if act == "g" else DEEP_LM_BUDGET
     return LM_BUDGET.get(act, {})
+
+
+def layer_settings(act: str, hidden: list[int]) -> dict:
+    """Config's clustering fields this script sets for a deep teacher (DEEP_G_LAYERS and upper_widths for g)."""
+    if act != "g" or len(hidden) < 2:
+        return {}
+    return DEEP_G_LAYERS | {"upper_widths": [UPPER_RHO * r for r in hidden[1:]]}
 
 
 def lm_budget(act: str, args: argparse.Namespace, deep: bool = False) -> dict:
@@ -166,7 +187,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     teacher_sizes = [int(mask.sum()), *hidden, 10]
     cfg = ecdist.Config(activation=act, student_widths=widths, n_students=n_students, seed=0,
                         device=device, threads=threads, lm_max_params=max(2500, P),
-                        **({"backend": "local"} | (execution or {}) | (lm or {})))
+                        **({"backend": "local"} | (execution or {}) | (lm or {}) | layer_settings(act, hidden)))
     arch = "-".join(map(str, hidden))
     other = f"-N{n_students}-rho{rho}" if (rho, n_students) != (RHO, N_STUDENTS) else ""  # students of their own
     out = runs / f"{dataset}-{act}-{arch}-{kind}{other}" if runs is not None else None
@@ -174,6 +195,9 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     if snapshot and not resumed:
         raise SystemExit(f"--snapshot: there is no run folder {out} to look at")
     if snapshot:  # the students as the run folder's checkpoints hold them; the run may train on meanwhile
+        # as the run was configured (its LM budget), with this script's clustering settings
+        stored = storage.RunFolder.existing(out, tidy=False).config()
+        cfg = stored.replace(**{k: getattr(cfg, k) for k in SNAPSHOT_FIELDS}, threads=threads, backend="local")
         res = ecdist.recover(None, Q, cfg, out=out, resume=True, train=False)
     else:
         res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
@@ -214,6 +238,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         "lm_budget": {k: getattr(cfg, k) for k in ("lm_max_iter", "stall_window")}
         | {k: getattr(cfg, k) for k in ("restart_above", "student_tol") if getattr(cfg, k) != getattr(ecdist.Config, k)},
         "rule": res.layers[-1].rule, "seconds": time.perf_counter() - t0, "device": str(res.plan["device"]),
+        "gamma": cfg.gamma, "upper_widths": cfg.upper_widths,
     }
     if out is not None:  # the time of this process only when it resumed a stopped run
         row |= {"run_folder": str(out), "resumed": resumed, "steps_resumed_from": res.plan["packs_resumed_from"]}

@@ -184,3 +184,20 @@ def test_a_case_says_which_students_its_row_used(tmp_path):
                     {"deep": [row("digits", "g", [16, 16], [16, 16], 1e-16, rho=3, n_students=50)]})
     assert (case(table, "digits", "tanh", [8])["rho"], case(table, "digits", "tanh", [8])["n_students"]) == (2, 10)
     assert (case(table, "digits", "g", [16, 16])["rho"], case(table, "digits", "g", [16, 16])["n_students"]) == (3, 50)
+
+
+def test_deep_g_teachers_get_their_clustering_settings():
+    """Deep g: clusters of 2 of 10 students, fresh students 3r wide above each inserted layer, a longer joint
+    fit; every other case keeps Config's. The settings make a valid config for the script's students."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import trained_teachers as tt
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert tt.layer_settings("g", [16, 16]) == {"gamma": 0.2, "finetune_iter": 500, "upper_widths": [48]}
+    assert tt.layer_settings("g", [12, 12, 12])["upper_widths"] == [36, 36]
+    assert tt.layer_settings("tanh", [16, 16]) == {} == tt.layer_settings("g", [16])
+    import ecdist
+    config = ecdist.Config(activation="g", student_widths=[24, 24, 24], n_students=10,
+                           **tt.layer_settings("g", [12, 12, 12]))
+    assert config.upper_widths == [36, 36] and set(tt.layer_settings("g", [8, 8])) <= set(tt.SNAPSHOT_FIELDS)
