@@ -106,7 +106,7 @@ class PackTrainer:
         if upper is None:
             self.pack = inserted(self.pack, np.asarray(assign), int(width))
         else:
-            self.pack = fresh_above(self.pack, int(width), upper[self.layer - 2 :], self.config.seed * 101 + self.layer - 1)
+            self.pack = fresh_above(self.pack, int(width), upper[self.layer - 2 :], stage_seed(self.config, self.layer))
 
     def finetune(self, H: torch.Tensor, Y: torch.Tensor, report: Report | None = None) -> PackResult:
         """Fine-tune the students above the recovered layers on their activations H (n, K); re-read.
@@ -160,7 +160,7 @@ class PackTrainer:
                 min_lr=config.min_lr, tol=config.student_tol,
             )
             # one minibatch order for every pack: a student's path does not depend on its pack
-            fit_adam(pack, X, Y, adam, seed=config.seed * 101 + layer - 1, progress=step)
+            fit_adam(pack, X, Y, adam, seed=stage_seed(config, layer), progress=step)
         if optimizer == "lm" or finish_lm or (finetune and pack.n_params <= config.lm_max_params):
             fit_lm(pack, X, Y, lm, progress=step)
         if self.run is not None:
@@ -208,6 +208,12 @@ class PackTrainer:
                 self._snapshot = info
         if report is not None:
             report(event, info)
+
+
+def stage_seed(config: Config, layer: int) -> int:
+    """The seed of a run's stage ``layer`` (1: the students; l > 1: above the l−1 recovered layers),
+    the same for every pack (config.MAX_SEED keeps it within torch's range)."""
+    return config.seed * 101 + layer - 1
 
 
 def lm_options(config: Config, n_layers: int, finetune: bool = False) -> LMOptions:

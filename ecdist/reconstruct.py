@@ -194,40 +194,31 @@ def prune_network(
     bound = min(10 * max(final, EXACT_FLOOR), EXACT_FIT)
     act = activations.get(activation)
     Xn = X.cpu().double().numpy()
-    while True:
-        before = sum(map(len, kept))
-        final, blocks, A, c = _prune_pass(blocks, A, c, final, X, Y, Xn, act, iters, max_trials, bound, kept)
-        if sum(map(len, kept)) == before:
+    while True:  # passes, until one removes nothing
+        removed = False
+        for l in range(len(blocks)):
+            H = Xn  # the inputs of layer l
+            for b in blocks[:l]:
+                H = _activations(act, H, b)
+            above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
+            order = kept[l][np.argsort(_contributions(act, H, blocks[l], above), kind="stable")]
+            for neuron in order[:max_trials]:
+                if len(kept[l]) == 1:
+                    break
+                j = int(np.flatnonzero(kept[l] == neuron)[0])
+                trial, A2 = [*blocks], A
+                trial[l] = np.delete(blocks[l], j, axis=0)
+                if l + 1 < len(blocks):
+                    trial[l + 1] = np.delete(blocks[l + 1], j, axis=1)
+                else:
+                    A2 = np.delete(A, j, axis=1)
+                error, trial, A2, c2 = finetune_network(trial, A2, c, X, Y, activation, iters)
+                if error <= bound:
+                    final, blocks, A, c = error, trial, A2, c2
+                    kept[l] = np.delete(kept[l], j)
+                    removed = True
+        if not removed:
             return final, blocks, A, c, kept
-
-
-def _prune_pass(
-    blocks: list[np.ndarray], A: np.ndarray, c: np.ndarray, final: float, X: torch.Tensor, Y: torch.Tensor,
-    Xn: np.ndarray, act: activations.Activation, iters: int, max_trials: int, bound: float, kept: list[np.ndarray],
-) -> tuple[float, list[np.ndarray], np.ndarray, np.ndarray]:
-    """One pass of ``prune_network`` over every hidden layer, first to last; updates ``kept`` in place."""
-    activation = act.name
-    for l in range(len(blocks)):
-        H = Xn  # the inputs of layer l
-        for b in blocks[:l]:
-            H = _activations(act, H, b)
-        above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
-        order = kept[l][np.argsort(_contributions(act, H, blocks[l], above), kind="stable")]
-        for neuron in order[:max_trials]:
-            if len(kept[l]) == 1:
-                break
-            j = int(np.flatnonzero(kept[l] == neuron)[0])
-            trial, A2 = [*blocks], A
-            trial[l] = np.delete(blocks[l], j, axis=0)
-            if l + 1 < len(blocks):
-                trial[l + 1] = np.delete(blocks[l + 1], j, axis=1)
-            else:
-                A2 = np.delete(A, j, axis=1)
-            error, trial, A2, c2 = finetune_network(trial, A2, c, X, Y, activation, iters)
-            if error <= bound:
-                final, blocks, A, c = error, trial, A2, c2
-                kept[l] = np.delete(kept[l], j)
-    return final, blocks, A, c
 
 
 def prune(
