@@ -32,8 +32,10 @@ Deep g teachers also get DEEP_G_LAYERS and fresh students UPPER_RHO × r wide ab
 (``Config.upper_widths``): see the comment there; rows record ``gamma`` and ``upper_widths``.
 
 ``--snapshot`` (with ``--runs``) makes each case's row from its run folder's students as checkpointed so
-far (``ecdist.recover(..., train=False)``), training nothing, while the run may go on training; the row
-has ``snapshot`` true, the run's ``lm_budget`` and, in ``students_steps``, how far its students had come.
+far (``ecdist.recover(..., train=False)``), training them no further, while the run may go on training; the row
+has ``snapshot`` true, the run's ``lm_budget`` and, in ``students_steps``, how far its students had come. The
+look is kept as a run of its own beside the run folder (``<run>-snapshot``, ``recover(..., snapshot=)``): a
+deep teacher's later stages checkpoint there, and the same command again resumes them.
 It uses the run's config with this script's clustering settings (``SNAPSHOT_FIELDS``), so a run folder
 started before a setting changed is still looked at with the current one.
 
@@ -128,6 +130,11 @@ def script_budget(act: str, deep: bool) -> dict:
     return LM_BUDGET.get(act, {})
 
 
+def snapshot_folder(run: Path) -> Path:
+    """Where ``--snapshot`` keeps its look at ``run`` (``recover(..., snapshot=)``), beside the run."""
+    return run.with_name(f"{run.name}-snapshot")
+
+
 def layer_settings(act: str, hidden: list[int]) -> dict:
     """Config's clustering fields this script sets for a deep teacher (DEEP_G_LAYERS and upper_widths for g)."""
     if act != "g" or len(hidden) < 2:
@@ -198,7 +205,9 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
         # as the run was configured (its LM budget), with this script's clustering settings
         stored = storage.RunFolder.existing(out, tidy=False).config()
         cfg = stored.replace(**{k: getattr(cfg, k) for k in SNAPSHOT_FIELDS}, threads=threads, backend="local")
-        res = ecdist.recover(None, Q, cfg, out=out, resume=True, train=False)
+        look = snapshot_folder(out)  # kept as a run of its own: the same command again resumes the look
+        look_resumed = look.exists() and any(look.iterdir())
+        res = ecdist.recover(None, Q, cfg, out=out, resume=True, train=False, snapshot=look, progress=log_steps())
     else:
         res = ecdist.recover(tm, Q, cfg, out=out, resume=resumed, progress=log_steps() if runs is not None else None)
     rep = ecdist.compare(res.network, tm, act, X=t.X_test[:, mask])
@@ -243,7 +252,7 @@ def run_one(dataset: str, hidden: int | list[int], act: str, kind: str, device: 
     if out is not None:  # the time of this process only when it resumed a stopped run
         row |= {"run_folder": str(out), "resumed": resumed, "steps_resumed_from": res.plan["packs_resumed_from"]}
     if snapshot:  # lm_budget is the run's; students_steps says how far its students had come
-        row["snapshot"] = True
+        row |= {"snapshot": True, "snapshot_folder": str(look), "snapshot_resumed": look_resumed}
     print(f"{dataset:8s} {act:8s} r={arch:>8s} {kind:9s}: {row['recovered']} "
           f"({row['overhead']}) worst {row['worst_1_minus_cos']:.1e} fmse {row['functional_rel_mse_test']:.1e} "
           f"[{row['seconds']:.0f} s]", flush=True)
@@ -286,7 +295,8 @@ def main() -> int:
     ap.add_argument("--rho", type=int, default=RHO, help="student width / teacher width (the authors' deep runs: 3)")
     ap.add_argument("--snapshot", action="store_true",
                     help="with --runs: recover each case from its run folder's students as checkpointed so far, "
-                         "training nothing (the run may go on training); the row says how far they had come")
+                         "training them no further (the run may go on training); the row says how far they had come; "
+                         "the look is kept in <run>-snapshot beside it, and the same command again resumes it there")
     ap.add_argument("--list", action="store_true", help="print the cases that would run, as JSON, and stop")
     args = ap.parse_args()
     if args.collect is not None:

@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument(
         "--snapshot", type=Path, metavar="DIR",
-        help="with --resume: recover from the students as the run's checkpoints hold them now, training no further "
-        "and writing nothing into RUN_DIR (a run still training there goes on), and save that result in DIR",
+        help="with --resume: recover from the students as the run's checkpoints hold them now, training them no "
+        "further and writing nothing into RUN_DIR (a run still training there goes on), in a run folder of its own, "
+        "DIR: a deep run's later stages checkpoint there, and the same command again resumes them. It runs in this "
+        "process unless --address names a Ray cluster",
     )
     rec.add_argument(
         "--address",
@@ -244,18 +246,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
         if stored is None or snap == run_dir or run_dir in snap.parents:
             raise ConfigError("--snapshot DIR looks at a run in progress: give --resume RUN_DIR of an existing run, "
                               "and a DIR outside RUN_DIR")
-        if snap.exists() and (not snap.is_dir() or any(snap.iterdir())):
-            raise ConfigError(f"--snapshot {args.snapshot}: give a new or empty folder (it is not, and a snapshot "
-                              "replaces nothing)")
-        if args.address:
-            raise ConfigError("--snapshot trains nothing, so it runs in this process: drop --address")
     train = args.snapshot is None
     result = ecdist.recover(teacher, X, config, out=out, resume=bool(args.resume), progress=True, address=args.address,
-                            train=train)
+                            train=train, snapshot=args.snapshot)
     dest = out if train else args.snapshot
     if isinstance(teacher, ecdist.teachers.MLP):
         result.comparison = ecdist.compare(result.network, teacher, activation)
-    if isinstance(teacher, ecdist.teachers.MLP) or not train:
         result.save(dest)
     plot_recovery(result, dest / "recovery.png")
     _print_result(result)

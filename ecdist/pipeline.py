@@ -44,7 +44,7 @@ from .reconstruct import (
     prune_network,
     to_original,
 )
-from .students import CHUNK_ELEMS, n_params
+from .students import CHUNK_ELEMS, StudentPack, n_params
 from .teachers import Teacher, query
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def recover(
     progress: Progress | bool | None = None,
     address: str | None = None,
     train: bool = True,
+    snapshot: str | Path | None = None,
 ) -> Recovery:
     """Recover the hidden layer sizes and weights of ``teacher`` from its outputs on ``X``.
 
@@ -126,7 +127,13 @@ def recover(
     them now, training no further, in this process, and writing nothing into ``out`` — a look at a
     long run still training there, which goes on undisturbed (``Recovery.save`` keeps the answer
     elsewhere; the students table gives each student's steps so far); its config may differ from the
-    run's in the clustering and reconstruction settings and ``upper_widths`` (``SNAPSHOT_FIELDS``).
+    run's in the clustering and reconstruction settings and ``upper_widths`` (``SNAPSHOT_FIELDS``);
+    snapshot (with train=False): keep that look as a run of its own in this new or empty folder — the
+    run's queries, answers and students as checkpointed now, their training marked finished — and
+    recover there, so that a deep run's later stages (hours of fresh or fine-tuned students above
+    each recovered layer) checkpoint and survive a killed process; the same call again resumes the
+    look in that folder, and ``recover(out=snapshot, resume=True)`` does too. A look runs in this
+    process unless ``address`` names a Ray cluster.
 
     Example:
         >>> import ecdist
@@ -141,8 +148,57 @@ def recover(
         raise ConfigError(f"config: expected an ecdist.Config, got {type(config).__name__}")
     if not train and not (out is not None and resume):
         raise ConfigError("train=False recovers from a run's checkpoints: give out=RUN_DIR and resume=True")
+    if snapshot is not None and train:
+        raise ConfigError("snapshot keeps a look at a run's checkpoints: give it with train=False")
     with _progress(progress) as report:
+        if snapshot is not None:
+            config = _snapshot_run(Path(out), Path(snapshot), teacher, X, config)
+            if address is None:  # a look runs in this process, beside the run's own training
+                config = config.replace(backend="local")
+            return _recover(None, None, config, snapshot, True, report, address, True)
         return _recover(teacher, X, config, out, resume, report, address, train)
+
+
+def _snapshot_run(source: Path, dest: Path, teacher: Teacher | None, X: np.ndarray | None, config: Config | None) -> Config:
+    """The look at ``source``'s checkpoints as a run in ``dest`` (created, or kept from a call before); its config.
+
+    The look's config packs the students as the run's checkpoints do (``pack_size``), since its
+    first-stage checkpoints are those, marked done; a look at a GPU run from a machine without
+    one runs on the CPU.
+    """
+    if source.resolve() == dest.resolve() or source.resolve() in dest.resolve().parents:
+        raise ConfigError(f"snapshot: give a folder outside the run's ({source}), which a look leaves as it is")
+    run = storage.RunFolder.existing(source, tidy=False)
+    if run is None:
+        raise RunFolderError(f"{source}: there is no run in that folder to recover from (train=False trains nothing)")
+    config, X, Y = _resumed(run, teacher, X, config, repair=False, free=SNAPSHOT_FIELDS)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        config = config.replace(device="cpu")
+    ident = run.identity()
+    kept = storage.RunFolder.existing(dest)
+    if kept is not None:
+        if kept.identity().get("snapshot_of", {}).get("data") != ident["data"]:
+            raise RunFolderError(
+                f"{dest} holds a run that is not a look at {source} (its run.json names no such snapshot_of); "
+                "give a new or empty folder, or that look's own folder"
+            )
+        return config.replace(pack_size=kept.config().pack_size)
+    storage.RunFolder.check_new(dest)
+    states = _checkpointed_packs(run, config)
+    size = len(states[0]["ids"])
+    if [s["ids"].tolist() for s in states] != [list(range(config.n_students))[i : i + size]
+                                               for i in range(0, config.n_students, size)]:
+        raise RunFolderError(f"{source}: its packs do not hold runs of {size} consecutive students, "
+                             "which a look kept as a run needs (pack_size)")
+    config = config.replace(pack_size=size)
+    steps = [int(s["steps"]) for s in states]
+    look = storage.RunFolder.create(dest, config, X, Y, ident["data"], ident.get("teacher") or {},
+                                    snapshot_of={"run": str(source.resolve()), "data": ident["data"], "steps": steps})
+    for index, state in enumerate(states):
+        pack = StudentPack.from_state(state, config.activation)
+        pack.keep_best()  # as ``PackTrainer.current`` reads a pack for a look
+        look.save_pack(index, pack.state() | {"phase": np.asarray("done"), "done": np.asarray(True)})
+    return config
 
 
 def _recover(

@@ -443,12 +443,18 @@ class RunFolder:
 
     @classmethod
     def create(
-        cls, path: str | Path, config: Config, X: np.ndarray, Y: np.ndarray, data_fingerprint: str, teacher: dict[str, str]
+        cls, path: str | Path, config: Config, X: np.ndarray, Y: np.ndarray, data_fingerprint: str, teacher: dict[str, str],
+        snapshot_of: dict[str, Any] | None = None,
     ) -> "RunFolder":
-        """Start a run in a new or empty folder: identity first (so the folder is known as a run), then the data."""
+        """Start a run in a new or empty folder: identity first (so the folder is known as a run), then the data.
+
+        snapshot_of: the run whose checkpoints this one starts from (``recover(..., snapshot=)``), recorded.
+        """
         cls.check_new(path)
         run = cls(path)
         ident = {"schema": SCHEMA_VERSION, "config": config.fingerprint(), "data": data_fingerprint, "teacher": teacher}
+        if snapshot_of is not None:
+            ident["snapshot_of"] = snapshot_of
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             run.files.write("run.json", _json_bytes(ident))

@@ -164,7 +164,8 @@ def test_resume(recovered, tmp_path, files, capsys):
 
 
 def test_snapshot_of_a_run_in_progress(recovered, tmp_path, capsys):
-    """`--resume RUN --snapshot DIR`: the students as checkpointed, clustered into DIR; RUN keeps every byte."""
+    """`--resume RUN --snapshot DIR`: the students as checkpointed, clustered in DIR, a run of its own that the
+    same command again resumes; RUN keeps every byte."""
     proc, out = recovered
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "run"
@@ -178,10 +179,16 @@ def test_snapshot_of_a_run_in_progress(recovered, tmp_path, capsys):
     assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
     snap = ecdist.load(tmp_path / "snap")
     assert snap.layer_sizes == [2] and (tmp_path / "snap" / "recovery.png").is_file()
-    for snap, extra, says in ((folder, [], "outside RUN_DIR"), (folder / "now", [], "outside RUN_DIR"),
-                              (tmp_path / "snap", [], "give a new or empty folder"),
-                              (tmp_path / "other", ["--address", "auto"], "drop --address")):
-        rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", snap, *extra], capsys)
+    assert json.loads((tmp_path / "snap" / "run.json").read_text())["snapshot_of"]["run"] == str(folder.resolve())
+    kept = {p: p.read_bytes() for p in sorted((tmp_path / "snap").rglob("*")) if p.is_file() and p.suffix != ".png"}
+    rc, stdout, err = _run_main(["recover", "--resume", folder, "--snapshot", tmp_path / "snap"], capsys)
+    assert rc == 0 and "recovered hidden widths: [2]" in stdout, err  # the finished look, as stored
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "snap").rglob("*")) if p.is_file() and p.suffix != ".png"} == kept
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    for snap, says in ((folder, "outside RUN_DIR"), (folder / "now", "outside RUN_DIR"),
+                       (tmp_path / "foreign", "not an ecdist run folder"), (out, "not a look at")):
+        rc, _, err = _run_main(["recover", "--resume", folder, "--snapshot", snap], capsys)
         assert rc == 2 and says in err, (snap, err)
     assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
     # other clustering settings: clustered with them; settings that shape the students: refused

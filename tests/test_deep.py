@@ -352,3 +352,39 @@ def test_deep_g_recovers_when_students_run_on_below_1e_16():
     assert result.layer_sizes == [4, 3] == report.teacher_sizes
     assert max(report.max_weight_distance) < 1e-8 and report.functional_mse < 1e-16
     assert min(result.students.column("rel_loss").to_pylist()) < 1e-17  # a student ran on past 1e-16
+
+
+@pytest.mark.slow
+def test_a_kept_look_checkpoints_its_later_stages(deep_run, tmp_path):
+    """``recover(train=False, snapshot=DIR)`` on a deep run not finished, with fresh students 14 wide above
+    layer 1: they checkpoint in DIR; killed at their 13th LM step, the same call resumes them from their
+    step-10 checkpoint and ends with the in-memory look's network, bit for bit. The run's folder is untouched."""
+    out, _ = deep_run
+    folder = tmp_path / "run"
+    shutil.copytree(out, folder)
+    (folder / "report.json").unlink()
+    before = {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    cfg = deep_config(backend="local", upper_widths=[14])
+    memory = ecdist.recover(None, None, cfg, out=folder, resume=True, train=False)
+    seen = []
+
+    def kill(event, info):
+        if event == "train" and info.get("layer") == 2 and "step" in info:
+            seen.append(info["step"])
+            if len(seen) == 13:
+                raise _Stop
+
+    look = tmp_path / "look"
+    with pytest.raises(_Stop):
+        ecdist.recover(None, None, cfg, out=folder, resume=True, train=False, snapshot=look, progress=kill)
+    with np.load(look / "checkpoints" / "pack_0000_layer_2.npz") as z:
+        assert z["widths"].tolist()[1] == 14 and "done" not in z.files
+    events = []
+    again = ecdist.recover(None, None, cfg, out=folder, resume=True, train=False, snapshot=look,
+                           progress=lambda e, i: events.append((e, i)))
+    steps = [i["step"] for e, i in events if e == "train" and i.get("layer") == 2 and "step" in i]
+    assert steps and steps[0] == 11  # from the step-10 checkpoint, not from the start
+    assert again.layer_sizes == memory.layer_sizes == [4, 3]
+    for k, v in memory.network.state_dict().items():
+        assert torch.equal(again.network.state_dict()[k], v), k
+    assert {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before

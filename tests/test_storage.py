@@ -431,6 +431,54 @@ def test_train_false_may_cluster_otherwise_but_not_change_the_students(tmp_path,
     assert _tree(folder) == before
 
 
+def test_a_kept_look_is_a_run_of_its_own(tmp_path, run):
+    """``train=False, snapshot=DIR``: DIR becomes a run from the students as checkpointed at step 10, marked
+    done (the look trains them no further), with the in-memory look's result; the same call again answers
+    with it as stored, and so does resuming DIR as a run. The run's folder keeps every byte."""
+    folder = tmp_path / "run"
+    killed_run(folder)
+    before = _tree(folder)
+    memory = ecdist.recover(None, None, None, out=folder, resume=True, train=False)
+    look = tmp_path / "look"
+    kept = ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look)
+    assert _tree(folder) == before
+    assert_same_network(kept.network, memory.network)
+    assert kept.students.column("steps").to_pylist() == [10] * 8 and kept.config.backend == "local"
+    origin = json.loads((look / "run.json").read_text())["snapshot_of"]
+    assert origin == {"run": str(folder.resolve()), "data": storage.RunFolder(folder).identity()["data"], "steps": [10]}
+    with np.load(checkpoint(look), allow_pickle=False) as z:
+        assert z["done"] and int(z["steps"]) == 10
+    assert_same_network(ecdist.load(look).network, memory.network)
+    stored = _tree(look)
+    events = []
+    again = ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look,
+                           progress=lambda e, i: events.append((e, i)))
+    assert ("resume", {"finished": True}) in events and _tree(look) == stored
+    assert_same_network(again.network, memory.network)
+    assert_same_network(ecdist.recover(None, None, None, out=look, resume=True).network, memory.network)
+    assert _tree(folder) == before
+
+
+def test_a_kept_look_refuses_what_is_not_its_folder(tmp_path, run):
+    folder = copy_run(run, tmp_path)
+    unfinish(folder)
+    with pytest.raises(ConfigError, match="give it with train=False"):
+        ecdist.recover(None, None, None, out=folder, resume=True, snapshot=tmp_path / "look")
+    with pytest.raises(ConfigError, match="outside the run's"):
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=folder / "look")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not an ecdist run folder"):
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=tmp_path / "foreign")
+    with pytest.raises(RunFolderError, match="not a look at"):  # a run of the same data, not a look at this one
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=run[0])
+    look = tmp_path / "look"
+    ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look)
+    with pytest.raises(RunFolderError, match="gamma=0.5 there, 0.75 here"):  # the look keeps its own settings
+        ecdist.recover(None, None, run[1].config.replace(gamma=0.75), out=folder, resume=True, train=False, snapshot=look)
+    assert not (tmp_path / "foreign" / "run.json").exists()
+
+
 def test_train_false_needs_a_run_with_every_pack_checkpointed(tmp_path):
     with pytest.raises(ecdist.ConfigError, match="give out=RUN_DIR and resume=True"):
         ecdist.recover(teacher(), queries(), config(), train=False)
