@@ -211,22 +211,27 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.slow
-def test_fresh_students_resume_from_their_checkpoint(fresh_run, tmp_path):
-    """Killed at the 13th LM step of the fresh students above layer 1: resumed from their step-10
-    checkpoint, the run ends with the uninterrupted run's network, bit for bit."""
+def _stop_at_layer_2_step(n: int):
+    """A progress callback that kills the run at the n-th LM step event above layer 1."""
     seen = []
 
     def kill(event, info):
         if event == "train" and info.get("layer") == 2 and "step" in info:
             seen.append(info["step"])
-            if len(seen) == 13:
+            if len(seen) == n:
                 raise _Stop
 
+    return kill
+
+
+@pytest.mark.slow
+def test_fresh_students_resume_from_their_checkpoint(fresh_run, tmp_path):
+    """Killed at the 13th LM step of the fresh students above layer 1: resumed from their step-10
+    checkpoint, the run ends with the uninterrupted run's network, bit for bit."""
     folder = tmp_path / "run"
     with pytest.raises(_Stop):
         ecdist.recover(deep_teacher(), deep_queries(), deep_config(backend="local", upper_widths=[14]), out=folder,
-                       progress=kill)
+                       progress=_stop_at_layer_2_step(13))
     with np.load(folder / "checkpoints" / "pack_0000_layer_2.npz") as z:
         assert z["widths"].tolist()[1] == 14 and "done" not in z.files
     again = ecdist.recover(None, None, None, out=folder, resume=True)
@@ -366,17 +371,9 @@ def test_a_kept_look_checkpoints_its_later_stages(deep_run, tmp_path):
     before = {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     cfg = deep_config(backend="local", upper_widths=[14])
     memory = ecdist.recover(None, None, cfg, out=folder, resume=True, train=False)
-    seen = []
-
-    def kill(event, info):
-        if event == "train" and info.get("layer") == 2 and "step" in info:
-            seen.append(info["step"])
-            if len(seen) == 13:
-                raise _Stop
-
     look = tmp_path / "look"
     with pytest.raises(_Stop):
-        ecdist.recover(None, None, cfg, out=folder, resume=True, train=False, snapshot=look, progress=kill)
+        ecdist.recover(None, None, cfg, out=folder, resume=True, train=False, snapshot=look, progress=_stop_at_layer_2_step(13))
     with np.load(look / "checkpoints" / "pack_0000_layer_2.npz") as z:
         assert z["widths"].tolist()[1] == 14 and "done" not in z.files
     events = []
