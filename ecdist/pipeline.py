@@ -177,11 +177,16 @@ def _snapshot_run(source: Path, dest: Path, teacher: Teacher | None, X: np.ndarr
     ident = run.identity()
     kept = storage.RunFolder.existing(dest)
     if kept is not None:
-        if kept.identity().get("snapshot_of", {}).get("data") != ident["data"]:
+        origin = kept.identity().get("snapshot_of", {})
+        if origin.get("data") != ident["data"]:
             raise RunFolderError(
                 f"{dest} holds a run that is not a look at {source} (its run.json names no such snapshot_of); "
                 "give a new or empty folder, or that look's own folder"
             )
+        states = [kept.load_pack(i) for i in range(len(origin.get("steps", [])))]
+        if not states or any(s is None or not s.get("done", np.asarray(False)).item() for s in states):
+            raise RunFolderError(f"{dest}: the look was stopped while it copied the run's students; delete the folder "
+                                 "and look again")
         return config.replace(pack_size=kept.config().pack_size)
     storage.RunFolder.check_new(dest)
     states = _checkpointed_packs(run, config)

@@ -476,6 +476,9 @@ def test_a_kept_look_refuses_what_is_not_its_folder(tmp_path, run):
     ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look)
     with pytest.raises(RunFolderError, match="gamma=0.5 there, 0.75 here"):  # the look keeps its own settings
         ecdist.recover(None, None, run[1].config.replace(gamma=0.75), out=folder, resume=True, train=False, snapshot=look)
+    storage.RunFolder(look).files.remove("checkpoints/pack_0000.npz")  # as if stopped while it was made
+    with pytest.raises(RunFolderError, match="stopped while it copied the run's students; delete the folder"):
+        ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look)
     assert not (tmp_path / "foreign" / "run.json").exists()
 
 
