@@ -178,10 +178,11 @@ def _snapshot_run(source: Path, dest: Path, teacher: Teacher | None, X: np.ndarr
     kept = storage.RunFolder.existing(dest)
     if kept is not None:
         origin = kept.identity().get("snapshot_of", {})
-        if origin.get("data") != ident["data"]:
+        if origin.get("data") != ident["data"] or origin.get("run") != str(source.resolve()):
             raise RunFolderError(
-                f"{dest} holds a run that is not a look at {source} (its run.json names no such snapshot_of); "
-                "give a new or empty folder, or that look's own folder"
+                f"{dest} holds a run that is not a look at {source} (its run.json's snapshot_of names "
+                f"{origin.get('run', 'no run')}); give a new or empty folder, or resume that look alone "
+                f"(recover(out={str(dest)!r}, resume=True))"
             )
         states = [kept.load_pack(i) for i in range(len(origin.get("steps", [])))]
         if not states or any(s is None or not s.get("done", np.asarray(False)).item() for s in states):

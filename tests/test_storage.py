@@ -476,6 +476,10 @@ def test_a_kept_look_refuses_what_is_not_its_folder(tmp_path, run):
     ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look)
     with pytest.raises(RunFolderError, match="gamma=0.5 there, 0.75 here"):  # the look keeps its own settings
         ecdist.recover(None, None, run[1].config.replace(gamma=0.75), out=folder, resume=True, train=False, snapshot=look)
+    twin = tmp_path / "twin"  # the same run's data and students in another folder: not the run looked at
+    shutil.copytree(folder, twin)
+    with pytest.raises(RunFolderError, match=f"not a look at {twin}.*snapshot_of names {folder.resolve()}"):
+        ecdist.recover(None, None, None, out=twin, resume=True, train=False, snapshot=look)
     storage.RunFolder(look).files.remove("checkpoints/pack_0000.npz")  # as if stopped while it was made
     with pytest.raises(RunFolderError, match="stopped while it copied the run's students; delete the folder"):
         ecdist.recover(None, None, None, out=folder, resume=True, train=False, snapshot=look)
