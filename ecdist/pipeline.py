@@ -171,12 +171,14 @@ def _snapshot_run(source: Path, dest: Path, teacher: Teacher | None, X: np.ndarr
     run = storage.RunFolder.existing(source, tidy=False)
     if run is None:
         raise RunFolderError(f"{source}: there is no run in that folder to recover from (train=False trains nothing)")
-    config, X, Y = _resumed(run, teacher, X, config, repair=False, free=SNAPSHOT_FIELDS)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        config = config.replace(device="cpu")
+
+    def on_this_machine(config: Config) -> Config:
+        cpu = config.device == "cuda" and not torch.cuda.is_available()
+        return config.replace(device="cpu") if cpu else config
+
     ident = run.identity()
     kept = storage.RunFolder.existing(dest)
-    if kept is not None:
+    if kept is not None:  # resumed from its own folder, which checks config, queries and teacher: the run's data is not read
         origin = kept.identity().get("snapshot_of", {})
         if origin.get("data") != ident["data"] or origin.get("run") != str(source.resolve()):
             raise RunFolderError(
@@ -188,12 +190,14 @@ def _snapshot_run(source: Path, dest: Path, teacher: Teacher | None, X: np.ndarr
         if not states or any(s is None or not s.get("done", np.asarray(False)).item() for s in states):
             raise RunFolderError(f"{dest}: the look was stopped while it copied the run's students; delete the folder "
                                  "and look again")
-        return config.replace(pack_size=kept.config().pack_size)
+        own = kept.config()
+        return own if config is None else on_this_machine(config).replace(pack_size=own.pack_size)
     storage.RunFolder.check_new(dest)
+    config, X, Y = _resumed(run, teacher, X, config, repair=False, free=SNAPSHOT_FIELDS)
+    config = on_this_machine(config)
     states = _checkpointed_packs(run, config)
     size = len(states[0]["ids"])
-    if [s["ids"].tolist() for s in states] != [list(range(config.n_students))[i : i + size]
-                                               for i in range(0, config.n_students, size)]:
+    if [s["ids"].tolist() for s in states] != _split(config.n_students, size):
         raise RunFolderError(f"{source}: its packs do not hold runs of {size} consecutive students, "
                              "which a look kept as a run needs (pack_size)")
     config = config.replace(pack_size=size)
@@ -863,6 +867,12 @@ def _student_candidates(
     return clusters, Collapsed(vectors[rows], np.full(k, s, dtype=np.int64), rows, np.arange(k, dtype=np.int64))
 
 
+def _split(n_students: int, size: int) -> list[list[int]]:
+    """The students' ids in packs of ``size`` consecutive ones (the last may be smaller)."""
+    ids = list(range(n_students))
+    return [ids[i : i + size] for i in range(0, n_students, size)]
+
+
 def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float] | None = None) -> dict[str, Any]:
     """Resolve every ``auto`` choice once; the result is stored beside (not in) the config.
 
@@ -901,8 +911,7 @@ def _plan(config: Config, d_in: int, d_out: int, ray_resources: dict[str, float]
         cpus, gpus, slots = actor_shares(config, ray_resources)
         size = config.pack_size or pack_sizes(config.n_students, slots, max_size)
         plan |= {"cpus_per_pack": cpus, "gpus_per_pack": gpus, "ray_resources": ray_resources, "actor_slots": slots}
-    ids = list(range(config.n_students))
-    plan["packs"] = [ids[i : i + size] for i in range(0, len(ids), size)]
+    plan["packs"] = _split(config.n_students, size)
     n_packs = len(plan["packs"])
     if ray_resources is not None and len(config.student_widths) > 1 and n_packs > plan["actor_slots"]:
         # deep runs keep every pack's actor until the last layer: they must all fit at once
