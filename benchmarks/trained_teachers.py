@@ -166,7 +166,7 @@ def log_steps(every: int = 50):
             print(f"  [{time.perf_counter() - t0:7.0f} s] pack {info.get('pack')} layer {info.get('layer', 1)} {info['phase']} "
                   f"step {info['step']}: best {losses.min():.1e} median {np.median(losses):.1e} "
                   f"finished {int((status != ACTIVE).sum())}/{len(status)}", flush=True)
-        elif event in ("resume", "cluster", "reconstruct"):
+        elif event in ("resume", "cluster", "refit", "reconstruct"):
             print(f"  [{time.perf_counter() - t0:7.0f} s] {event} {info}", flush=True)
     return report
 

@@ -42,6 +42,7 @@ from .reconstruct import (
     output_layer,
     prune,
     prune_network,
+    refit_supported,
     to_original,
 )
 from .students import CHUNK_ELEMS, StudentPack, n_params
@@ -688,8 +689,11 @@ def _layers(
         if lower and len(V):
             t0 = time.perf_counter()
             final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter, JOINT_STALL)
+            if config.fallback and config.prune and final > EXACT_FIT:
+                final, blocks, A, c, kept = _supported_fit(config, lower, best, final, blocks, A, c, Xt, Yt, report)
             if config.prune:
-                final, blocks, A, c, kept = prune_network(blocks, A, c, final, Xt, Yt, act.name, config.finetune_iter)
+                final, blocks, A, c, left = prune_network(blocks, A, c, final, Xt, Yt, act.name, config.finetune_iter)
+                kept = [k[j] for k, j in zip(kept, left)]
             timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t0
         network = to_original(blocks, A, c, S, xs, ys, act.name)
     out = [_layer_result(l, t, cl, col, network, k) for l, ((t, cl, col), k) in enumerate(zip(lower, kept))]
@@ -697,6 +701,37 @@ def _layers(
     pruned = sum(len(col.vectors) for _, _, col in lower) + len(best.collapsed.vectors) - sum(map(len, kept))
     report("reconstruct", {"widths": network.hidden_widths, "rel_mse": final, "pruned": pruned})
     return out, network, final, resumed
+
+
+def _supported_fit(
+    config: Config,
+    lower: list[tuple[pa.Table, Clusters, Collapsed]],
+    best: _Attempt,
+    final: float,
+    blocks: list[np.ndarray],
+    A: np.ndarray,
+    c: np.ndarray,
+    Xt: torch.Tensor,
+    Yt: torch.Tensor,
+    report: Progress,
+) -> tuple[float, list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A deep network whose joint fit is not exact, refitted without its least-supported candidates
+    (``refit_supported``: a candidate's support is its cluster's number of students); unchanged,
+    every row kept, when no such fit is exact. A last layer kept from one student alone (the
+    fallback's ``student`` rule) has no support to rank by: it is kept whole."""
+    support = [cl.n_students[col.cluster] for _, cl, col in lower]
+    if best.clusters.rule == "student":
+        support.append(np.full(len(blocks[-1]), np.iinfo(np.int64).max))
+    else:
+        support.append(best.clusters.n_students[best.collapsed.cluster[best.kept]])
+    fit = refit_supported(blocks, support, Xt, Yt, config.activation, config.finetune_iter)
+    if fit is None:
+        log.info("joint fit %.1e, and no set of the best-supported candidates fits exactly", final)
+        return final, blocks, A, c, [np.arange(len(b)) for b in blocks]
+    widths = [len(r) for r in fit[4]]
+    log.info("joint fit %.1e; the best-supported candidates, %s, fit to %.1e", final, widths, fit[0])
+    report("refit", {"widths": widths, "rel_mse": fit[0], "was": final})
+    return fit
 
 
 def _labelled(neurons: pa.Table, clusters: Clusters) -> pa.Table:

@@ -50,6 +50,10 @@ class RichProgress:
                 f"layer {info['layer']}: no rule fits exactly; student {info['student']} alone, pruned: "
                 f"{info['kept']} of {info['rows']} neurons, relative MSE {info['rel_mse']:.1e}"
             )
+        elif event == "refit":
+            self._bar.console.print(
+                f"joint fit {info['was']:.1e}; the best-supported candidates, {info['widths']}, fit to {info['rel_mse']:.1e}"
+            )
         elif event == "resume":
             what = "the finished run's result" if info.get("finished") else f"layer {info['layer']}'s clustering"
             self._bar.console.print(f"resumed: {what} read from the run folder")

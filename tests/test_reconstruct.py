@@ -8,16 +8,20 @@ import pytest
 import torch
 
 import ecdist
+from ecdist import pipeline
 from ecdist.activations import REGISTRY
+from ecdist.cluster import Clusters
 from ecdist.queries import Standardizer
 from ecdist.reconstruct import (
     EXACT_FIT,
     REFERENCE_TOP,
+    Collapsed,
     collapse,
     finetune_network,
     output_layer,
     prune,
     prune_network,
+    refit_supported,
     to_original,
 )
 from ecdist.students import StudentPack
@@ -349,3 +353,67 @@ def test_prune_network_removes_a_twin_behind_a_weak_real_neuron():
     final, out, *_, kept = prune_network(bl, A1, c1, start, X, Y, "tanh", iters=50)
     assert [len(b) for b in out] == [3, 3] and final < 1e-24
     assert weak in kept[0] and len(set(kept[0]) & {j, 3}) == 1  # one copy of neuron j stays
+
+
+# ----- refit_supported: a deep network's best-supported candidates ----------------------------------------------
+def supported_candidates(seed: int = 3):
+    """The 4-3-3-2 tanh network's neurons among debris: two extra layer-1 rows (their weights into
+    layer 2 at 0.05, so the candidates' function is not the teacher's) and one extra layer-2 row."""
+    blocks, A, c, X, Y = deep_network(seed)
+    rng = np.random.default_rng(seed + 10)
+    b0 = np.vstack([blocks[0], rng.normal(size=(2, 5))])
+    b1 = np.hstack([blocks[1][:, :3], np.full((3, 2), 0.05), blocks[1][:, 3:]])
+    b1 = np.vstack([b1, rng.normal(size=(1, 6))])
+    return [b0, b1], X, Y
+
+
+def test_refit_supported_drops_the_least_supported_first_and_returns_the_first_exact_set():
+    """Supports 2 and 3 on layer 1's debris, 2 on layer 2's: the clusters of 2 students go first, and
+    that set — layer 1's debris of 3 still in it — already fits exactly, so it is the answer (its
+    extra neuron is prune_network's to remove), not a smaller exact set."""
+    blocks, X, Y = supported_candidates()
+    support = [np.array([6, 7, 8, 2, 3]), np.array([5, 9, 6, 2])]
+    fit = refit_supported(blocks, support, X, Y, "tanh", iters=100, stall_window=10)
+    assert fit is not None
+    final, out, A, c, rows = fit
+    assert [r.tolist() for r in rows] == [[0, 1, 2, 4], [0, 1, 2]]
+    assert [b.shape for b in out] == [(4, 5), (3, 5)] and A.shape == (2, 3)
+    assert final <= EXACT_FIT
+    assert float(((network_outputs(out, A, c, X) - Y) ** 2).mean()) / float(Y.var()) <= 10 * EXACT_FIT
+
+
+def test_refit_supported_keeps_no_fit_that_is_not_exact():
+    """A teacher neuron in the fewest students: every set without it misses the teacher, so there is
+    no answer (None), however well the smaller sets fit."""
+    blocks, X, Y = supported_candidates()
+    support = [np.array([2, 7, 8, 5, 5]), np.array([5, 9, 6, 3])]
+    assert refit_supported(blocks, support, X, Y, "tanh", iters=30, stall_window=10) is None
+
+
+def _clusters(n_students: list[int], rule: str = "stable"):
+    k = len(n_students)
+    return Clusters(labels=np.arange(k), dropped=np.zeros(k, bool), size=np.asarray(n_students),
+                    n_students=np.asarray(n_students), height=np.zeros(k), separation=np.ones(k),
+                    median_cos_dist=np.zeros(k), cut_height=float("nan"), min_students=2, rule=rule, backend="scipy")
+
+
+@pytest.mark.parametrize("rule", ["stable", "student"])
+def test_a_deep_runs_support_is_its_clusters_students(rule):
+    """The pipeline's supports: a collapsed row's cluster's number of students (rows are not in
+    cluster order), the last layer's rows as its fit kept them; a last layer kept from one student
+    alone (rule "student") has no support to rank by and stays whole."""
+    blocks, X, Y = supported_candidates()
+    col = Collapsed(blocks[0], np.zeros(5, int), np.arange(5), np.array([1, 3, 4, 0, 2]))
+    lower = [(None, _clusters([2, 6, 3, 7, 8]), col)]  # rows' supports: 6, 7, 8, 2, 3
+    last = Collapsed(np.zeros((5, 6)), np.zeros(5, int), np.arange(5), np.array([2, 0, 4, 1, 3]))
+    # rows' supports 5, 9, 6, 2, 4; the last row was pruned by the last layer's own fit
+    best = pipeline._Attempt(_clusters([9, 2, 5, 4, 6], rule), last, 1.0, (), np.arange(4))
+    A, c, _ = output_layer(blocks[1], np.tanh(np.hstack([X.numpy(), np.ones((len(X), 1))]) @ blocks[0].T),
+                           Y.numpy(), "tanh", affine=False)
+    config = ecdist.Config(activation="tanh", student_widths=[8, 8], finetune_iter=100)
+    events = []
+    final, out, A2, c2, kept = pipeline._supported_fit(config, lower, best, 1.0, blocks, A, c, X, Y,
+                                                       lambda e, i: events.append((e, i)))
+    top = [0, 1, 2] if rule == "stable" else [0, 1, 2, 3]
+    assert [k.tolist() for k in kept] == [[0, 1, 2, 4], top] and [len(b) for b in out] == [4, len(top)]
+    assert final <= EXACT_FIT and events == [("refit", {"widths": [4, len(top)], "rel_mse": final, "was": 1.0})]
