@@ -118,8 +118,9 @@ class Config:
     fallback: bool = _doc(
         "when the stable rule's neurons do not fit exactly, retry with the authors' generous cut and use it "
         "if its fit is exact (pruning removes its extras); failing that (with either rule), prune the best exact "
-        "students alone and keep the smallest exact result; in a deep run whose joint fit is not exact, refit it "
-        "without the candidates of the fewest students, a support level at a time, and keep the first exact fit",
+        "students alone and keep the smallest exact result; in a deep float64 run whose joint fit is not exact, "
+        "refit it without the candidates of the fewest students, a support level at a time (at most 3), and prune "
+        "the first exact fit (all of this needs prune=True)",
         default=True,
     )
     pack_size: int = _doc(

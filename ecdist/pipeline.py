@@ -631,8 +631,9 @@ def _layers(
     collapse, ``advance`` (insert the recovered layer into every pack and fine-tune the students
     above it on its activations), then read the next layer from the fine-tuned packs — never
     from the students as trained. The last hidden layer is fitted, fine-tuned and pruned on the
-    recovered layers' activations; then the whole recovered network is fine-tuned and, once
-    exact, every hidden layer pruned again (``prune_network``).
+    recovered layers' activations; then the whole recovered network is fine-tuned (``_joint_fit``;
+    not exact, it is refitted without the least-supported candidates) and, once exact, every hidden
+    layer pruned again (``prune_network``).
     """
     act = activations.get(config.activation)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
@@ -688,12 +689,7 @@ def _layers(
         kept = [np.arange(len(col.vectors)) for _, _, col in lower] + [np.arange(len(V))]
         if lower and len(V):
             t0 = time.perf_counter()
-            final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act.name, config.finetune_iter, JOINT_STALL)
-            if config.fallback and config.prune and final > EXACT_FIT:
-                final, blocks, A, c, kept = _supported_fit(config, lower, best, final, blocks, A, c, Xt, Yt, report)
-            if config.prune:
-                final, blocks, A, c, left = prune_network(blocks, A, c, final, Xt, Yt, act.name, config.finetune_iter)
-                kept = [k[j] for k, j in zip(kept, left)]
+            final, blocks, A, c, kept = _joint_fit(config, lower, best, blocks, A, c, Xt, Yt, report)
             timings["reconstruct"] = timings.get("reconstruct", 0.0) + time.perf_counter() - t0
         network = to_original(blocks, A, c, S, xs, ys, act.name)
     out = [_layer_result(l, t, cl, col, network, k) for l, ((t, cl, col), k) in enumerate(zip(lower, kept))]
@@ -703,11 +699,10 @@ def _layers(
     return out, network, final, resumed
 
 
-def _supported_fit(
+def _joint_fit(
     config: Config,
     lower: list[tuple[pa.Table, Clusters, Collapsed]],
     best: _Attempt,
-    final: float,
     blocks: list[np.ndarray],
     A: np.ndarray,
     c: np.ndarray,
@@ -715,23 +710,39 @@ def _supported_fit(
     Yt: torch.Tensor,
     report: Progress,
 ) -> tuple[float, list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray]]:
-    """A deep network whose joint fit is not exact, refitted without its least-supported candidates
-    (``refit_supported``: a candidate's support is its cluster's number of students); unchanged,
-    every row kept, when no such fit is exact. A last layer kept from one student alone (the
-    fallback's ``student`` rule) has no support to rank by: it is kept whole."""
-    support = [cl.n_students[col.cluster] for _, cl, col in lower]
-    if best.clusters.rule == "student":
-        support.append(np.full(len(blocks[-1]), np.iinfo(np.int64).max))
-    else:
-        support.append(best.clusters.n_students[best.collapsed.cluster[best.kept]])
-    fit = refit_supported(blocks, support, Xt, Yt, config.activation, config.finetune_iter)
-    if fit is None:
-        log.info("joint fit %.1e, and no set of the best-supported candidates fits exactly", final)
-        return final, blocks, A, c, [np.arange(len(b)) for b in blocks]
-    widths = [len(r) for r in fit[4]]
-    log.info("joint fit %.1e; the best-supported candidates, %s, fit to %.1e", final, widths, fit[0])
-    report("refit", {"widths": widths, "rel_mse": fit[0], "was": final})
-    return fit
+    """The recovered deep network fine-tuned as a whole, then (``prune``) pruned once exact.
+
+    blocks: each lower layer's candidates (``lower``'s collapsed rows) and the last layer's fitted
+    neurons (``best``'s, rows ``best.kept`` of its candidates). With ``fallback`` (float64), a joint
+    fit that is not exact is refitted from the candidates without the least-supported ones
+    (``refit_supported``: a candidate's support is its cluster's number of students; the stalled
+    fit's weights are left behind) and the first exact set is pruned
+    instead; a last layer kept from one student alone (the ``student`` rule) has no support to rank
+    by and is kept whole. Returns the relative MSE, blocks, A, c and, per hidden layer, the rows of
+    ``blocks`` kept.
+    """
+    act = activations.get(config.activation).name
+    candidates = blocks
+    final, blocks, A, c = finetune_network(blocks, A, c, Xt, Yt, act, config.finetune_iter, JOINT_STALL)
+    kept = [np.arange(len(b)) for b in blocks]
+    if config.fallback and config.prune and config.dtype == "float64" and final > EXACT_FIT:
+        support = [cl.n_students[col.cluster] for _, cl, col in lower]
+        if best.clusters.rule == "student":
+            support.append(np.full(len(blocks[-1]), np.iinfo(np.int64).max))
+        else:
+            support.append(best.clusters.n_students[best.collapsed.cluster[best.kept]])
+        fit = refit_supported(candidates, support, Xt, Yt, act, config.finetune_iter)  # not the stalled fit's
+        if fit is None:
+            log.info("joint fit %.1e, and no set of the best-supported candidates fits exactly", final)
+        else:
+            widths = [len(r) for r in fit[4]]
+            log.info("joint fit %.1e; the best-supported candidates, %s, fit to %.1e", final, widths, fit[0])
+            report("refit", {"widths": widths, "rel_mse": fit[0], "was": final})
+            final, blocks, A, c, kept = fit
+    if config.prune:
+        final, blocks, A, c, left = prune_network(blocks, A, c, final, Xt, Yt, act, config.finetune_iter)
+        kept = [k[j] for k, j in zip(kept, left)]
+    return final, blocks, A, c, kept
 
 
 def _labelled(neurons: pa.Table, clusters: Clusters) -> pa.Table:
@@ -966,7 +977,7 @@ def _layer_result(index: int, neurons: pa.Table, clusters: Clusters, col, networ
     tbl = pa.table(
         {
             "cluster": sel,
-            "neuron": neuron,  # row of the recovered layer, −1 when the fine-tune pruned it
+            "neuron": neuron,  # row of the recovered layer, −1 when pruned (or dropped by the deep refit)
             "size": clusters.size[sel],
             "n_students": clusters.n_students[sel],
             "height": clusters.height[sel],

@@ -33,6 +33,9 @@ EXACT_FLOOR = 1e-20  # fits below this are all exact: their differences are roun
 # flat direction): digits 64-16-16-10 g from [20, 33] candidates gained < 10× in 10 iterations at 1.5e-12
 # and stopped there; allowed 50, it reached 8.2e-20 in 182 s, exact, so pruning could run.
 JOINT_STALL = 50
+# refit_supported tries this many support levels: MNIST-1D 40-12-12-12-10 g needed the first (clusters
+# of 2 of 10 students dropped), the toy of tests/test_reconstruct.py the second
+SUPPORT_LEVELS = 3
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ def refit_supported(
     activation: str,
     iters: int,
     stall_window: int = JOINT_STALL,
+    levels: int = SUPPORT_LEVELS,
 ) -> tuple[float, list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray]] | None:
     """The first exact joint fit of a deep network's best-supported candidates, or None.
 
@@ -236,17 +240,21 @@ def refit_supported(
     needs an exact fit to begin: on MNIST-1D 40-12-12-12-10 g the [17, 17, 24] candidates (every
     teacher neuron among them, the extras from clusters of 2–3 of 10 students) stopped at 1.6e-13 and
     were at 1.1e-15 after 500 more iterations, a layer-2 neuron 2.4e-2 off. Without the clusters of 2
-    students, [15, 13, 16] fitted to 1.8e-27 in 50 iterations. So: ``support`` gives each candidate's
+    students, [15, 13, 16] fitted to 7.4e-28 (~50 iterations). So: ``support`` gives each candidate's
     number of students (per hidden layer, aligned with ``blocks``' rows); the least-supported are
     dropped first, one support level at a time (their columns leave the layer above; the output
     layer is refitted by least squares), each set is fitted jointly, and the first exact fit is
     returned — the largest exact set, for ``prune_network`` to trim. Fits that are not exact never
-    win (fewer neurons fit worse, so "better" means nothing short of exact). Returns the relative MSE,
-    blocks, A, c and, per hidden layer, the rows of ``blocks`` kept.
+    win (fewer neurons fit worse, so "better" means nothing short of exact). At most ``levels`` sets
+    are fitted, each up to ``iters`` iterations: candidates that hold no exact network cost that many
+    more joint fits, not one per support level. Returns the relative MSE, blocks, A, c and, per hidden
+    layer, the rows of ``blocks`` kept.
     """
+    if not support:
+        return None
     act = activations.get(activation)
     Xn, Yn = X.cpu().double().numpy(), Y.cpu().double().numpy()
-    for level in np.unique(np.concatenate(support))[1:]:
+    for level in np.unique(np.concatenate(support))[1 : levels + 1]:
         rows = [np.flatnonzero(s >= level) for s in support]
         if any(len(r) == 0 for r in rows):
             return None

@@ -390,6 +390,16 @@ def test_refit_supported_keeps_no_fit_that_is_not_exact():
     assert refit_supported(blocks, support, X, Y, "tanh", iters=30, stall_window=10) is None
 
 
+def test_refit_supported_tries_at_most_levels_sets():
+    """Seed 7: with the clusters of 2 students gone the fit still stalls (the debris of 3 holds it);
+    the next level is exact — found with 2 levels allowed, not with 1."""
+    blocks, X, Y = supported_candidates(seed=7)
+    support = [np.array([6, 7, 8, 2, 3]), np.array([5, 9, 6, 2])]
+    assert refit_supported(blocks, support, X, Y, "tanh", iters=100, levels=1) is None
+    fit = refit_supported(blocks, support, X, Y, "tanh", iters=100, levels=2)
+    assert fit is not None and fit[0] <= EXACT_FIT and [r.tolist() for r in fit[4]] == [[0, 1, 2], [0, 1, 2]]
+
+
 def _clusters(n_students: list[int], rule: str = "stable"):
     k = len(n_students)
     return Clusters(labels=np.arange(k), dropped=np.zeros(k, bool), size=np.asarray(n_students),
@@ -397,23 +407,45 @@ def _clusters(n_students: list[int], rule: str = "stable"):
                     median_cos_dist=np.zeros(k), cut_height=float("nan"), min_students=2, rule=rule, backend="scipy")
 
 
+def _supported_run(rule: str):
+    """The seed-7 candidates as a deep run holds them, in no particular order: layer 1's rows (debris
+    first) with supports 2, 6, 3, 7, 8 through their clusters; the last layer's fitted rows are rows
+    0, 1, 2, 4 of its candidates (row 3 went in its own fit), supports 2, 5, 9, 6."""
+    blocks, X, Y = supported_candidates(seed=7)
+    order0, order1 = [3, 0, 4, 1, 2], [3, 0, 1, 2]
+    b0, b1 = blocks[0][order0], blocks[1][order1][:, order0 + [5]]
+    col = Collapsed(b0, np.zeros(5, int), np.arange(5), np.array([3, 0, 4, 1, 2]))
+    lower = [(None, _clusters([6, 7, 8, 2, 3]), col)]
+    last = Collapsed(np.zeros((5, 6)), np.zeros(5, int), np.arange(5), np.array([1, 2, 0, 3, 4]))
+    best = pipeline._Attempt(_clusters([9, 2, 5, 4, 6], rule), last, 1.0, (), np.array([0, 1, 2, 4]))
+    H = np.tanh(np.hstack([X.numpy(), np.ones((len(X), 1))]) @ b0.T)
+    A, c, _ = output_layer(b1, H, Y.numpy(), "tanh", affine=False)
+    return lower, best, [b0, b1], A, c, X, Y
+
+
 @pytest.mark.parametrize("rule", ["stable", "student"])
-def test_a_deep_runs_support_is_its_clusters_students(rule):
-    """The pipeline's supports: a collapsed row's cluster's number of students (rows are not in
-    cluster order), the last layer's rows as its fit kept them; a last layer kept from one student
-    alone (rule "student") has no support to rank by and stays whole."""
-    blocks, X, Y = supported_candidates()
-    col = Collapsed(blocks[0], np.zeros(5, int), np.arange(5), np.array([1, 3, 4, 0, 2]))
-    lower = [(None, _clusters([2, 6, 3, 7, 8]), col)]  # rows' supports: 6, 7, 8, 2, 3
-    last = Collapsed(np.zeros((5, 6)), np.zeros(5, int), np.arange(5), np.array([2, 0, 4, 1, 3]))
-    # rows' supports 5, 9, 6, 2, 4; the last row was pruned by the last layer's own fit
-    best = pipeline._Attempt(_clusters([9, 2, 5, 4, 6], rule), last, 1.0, (), np.arange(4))
-    A, c, _ = output_layer(blocks[1], np.tanh(np.hstack([X.numpy(), np.ones((len(X), 1))]) @ blocks[0].T),
-                           Y.numpy(), "tanh", affine=False)
-    config = ecdist.Config(activation="tanh", student_widths=[8, 8], finetune_iter=100)
+def test_a_deep_joint_fit_that_is_not_exact_is_refitted_on_its_best_supported_candidates(rule):
+    """The whole set's joint fit stalls short of exact (the debris holds it in a flat valley); without
+    the clusters of 2 and 3 students it is exact and pruned. The rows kept are the candidates' rows,
+    through the supports' order and the pruning; a last layer from one student alone (rule
+    "student") is never thinned by support, only pruned."""
+    lower, best, blocks, A, c, X, Y = _supported_run(rule)
     events = []
-    final, out, A2, c2, kept = pipeline._supported_fit(config, lower, best, 1.0, blocks, A, c, X, Y,
-                                                       lambda e, i: events.append((e, i)))
-    top = [0, 1, 2] if rule == "stable" else [0, 1, 2, 3]
-    assert [k.tolist() for k in kept] == [[0, 1, 2, 4], top] and [len(b) for b in out] == [4, len(top)]
-    assert final <= EXACT_FIT and events == [("refit", {"widths": [4, len(top)], "rel_mse": final, "was": 1.0})]
+    config = ecdist.Config(activation="tanh", student_widths=[8, 8], finetune_iter=100)
+    final, out, A2, c2, kept = pipeline._joint_fit(config, lower, best, blocks, A, c, X, Y,
+                                                   lambda e, i: events.append((e, i)))
+    assert [k.tolist() for k in kept] == [[1, 3, 4], [1, 2, 3]] and [b.shape for b in out] == [(3, 5), (3, 4)]
+    assert final <= EXACT_FIT
+    assert float(((network_outputs(out, A2, c2, X) - Y) ** 2).mean()) / float(Y.var()) <= 10 * EXACT_FIT
+    assert [e for e, _ in events] == ["refit"] and events[0][1]["was"] > EXACT_FIT
+    assert events[0][1]["widths"] == ([3, 3] if rule == "stable" else [3, 4])
+
+
+@pytest.mark.parametrize("change", [{"fallback": False}, {"dtype": "float32"}])
+def test_the_deep_refit_is_the_float64_fallbacks(change):
+    """Without the fallback, or in float32 (where no fit reaches 1e-16), the stalled joint fit stands."""
+    lower, best, blocks, A, c, X, Y = _supported_run("stable")
+    events = []
+    config = ecdist.Config(activation="tanh", student_widths=[8, 8], finetune_iter=100, **change)
+    final, out, *_, kept = pipeline._joint_fit(config, lower, best, blocks, A, c, X, Y, lambda e, i: events.append(e))
+    assert final > EXACT_FIT and events == [] and [len(k) for k in kept] == [5, 4] == [len(b) for b in out]
