@@ -240,7 +240,7 @@ def refit_supported(
     needs an exact fit to begin: on MNIST-1D 40-12-12-12-10 g the [17, 17, 24] candidates (every
     teacher neuron among them, the extras from clusters of 2–3 of 10 students) stopped at 1.6e-13 and
     were at 1.1e-15 after 500 more iterations, a layer-2 neuron 2.4e-2 off. Without the clusters of 2
-    students, [15, 13, 16] fitted to 7.4e-28 (~50 iterations). So: ``support`` gives each candidate's
+    students, [15, 13, 16] fitted to 1.2e-28 (~50 iterations). So: ``support`` gives each candidate's
     number of students (per hidden layer, aligned with ``blocks``' rows); the least-supported are
     dropped first, one support level at a time (their columns leave the layer above; the output
     layer is refitted by least squares), each set is fitted jointly, and the first exact fit is
