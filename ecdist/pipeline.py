@@ -716,10 +716,9 @@ def _joint_fit(
     neurons (``best``'s, rows ``best.kept`` of its candidates). With ``fallback`` (float64), a joint
     fit that is not exact is refitted from the candidates without the least-supported ones
     (``refit_supported``: a candidate's support is its cluster's number of students; the stalled
-    fit's weights are left behind) and the first exact set is pruned
-    instead; a last layer kept from one student alone (the ``student`` rule) has no support to rank
-    by and is kept whole. Returns the relative MSE, blocks, A, c and, per hidden layer, the rows of
-    ``blocks`` kept.
+    fit's weights are left behind) and the first exact set is pruned instead; a last layer kept
+    from one student alone (the ``student`` rule) has no support to rank by and is kept whole.
+    Returns the relative MSE, blocks, A, c and, per hidden layer, the rows of ``blocks`` kept.
     """
     act = activations.get(config.activation).name
     candidates = blocks

@@ -200,9 +200,7 @@ def prune_network(
     while True:  # passes, until one removes nothing
         removed = False
         for l in range(len(blocks)):
-            H = Xn  # the inputs of layer l
-            for b in blocks[:l]:
-                H = _activations(act, H, b)
+            H = _through(act, Xn, blocks[:l])  # the inputs of layer l
             above = blocks[l + 1][:, :-1] if l + 1 < len(blocks) else A
             order = kept[l][np.argsort(_contributions(act, H, blocks[l], above), kind="stable")]
             for neuron in order[:max_trials]:
@@ -261,10 +259,7 @@ def refit_supported(
         trial = [b[r] for b, r in zip(blocks, rows)]
         for l in range(1, len(trial)):  # the dropped neurons' columns leave the layer above
             trial[l] = np.hstack([trial[l][:, :-1][:, rows[l - 1]], trial[l][:, -1:]])
-        H = Xn
-        for b in trial[:-1]:
-            H = _activations(act, H, b)
-        A, c, _ = output_layer(trial[-1], H, Yn, activation, affine=False)
+        A, c, _ = output_layer(trial[-1], _through(act, Xn, trial[:-1]), Yn, activation, affine=False)
         final, trial, A, c = finetune_network(trial, A, c, X, Y, activation, iters, stall_window)
         if final <= EXACT_FIT:
             return final, trial, A, c, rows
@@ -333,6 +328,13 @@ def prune(
 def _activations(act: activations.Activation, inputs: np.ndarray, V: np.ndarray) -> np.ndarray:
     """A layer's activations (n, K) for ``inputs`` (n, d) and neuron rows V = [w | b] (K, d+1)."""
     return act.fn(torch.as_tensor(np.hstack([inputs, np.ones((len(inputs), 1))]) @ V.T)).numpy()
+
+
+def _through(act: activations.Activation, inputs: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+    """The activations of the last of ``blocks`` (``inputs`` when there are none): a deep layer's inputs."""
+    for V in blocks:
+        inputs = _activations(act, inputs, V)
+    return inputs
 
 
 def _contributions(act: activations.Activation, inputs: np.ndarray, V: np.ndarray, outgoing: np.ndarray) -> np.ndarray:
